@@ -1,0 +1,49 @@
+"""The small contract every inference backend satisfies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol, Self, runtime_checkable
+
+import numpy as np
+
+from dinowatch.errors import DinowatchError
+
+
+class BackendUnavailable(DinowatchError):
+    """The backend's runtime or device is missing; the message names what to install."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a backend's `infer` expects as its batch.
+
+    NCHW float32 is the seed's tensor (already ImageNet-normalized). NHWC uint8 is raw pixels,
+    for accelerators such as Hailo that normalize on the device.
+    """
+
+    size: int = 224
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    dtype: Literal["float32", "uint8"] = "float32"
+
+    @property
+    def normalized_on_host(self) -> bool:
+        return self.dtype == "float32"
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """One inference runtime behind one small interface."""
+
+    type_key: str
+    input_spec: InputSpec
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """Run the model on a batch laid out as `input_spec` says; return its first output."""
+        ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(self, *exc_info: object) -> None: ...
