@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import difflib
+import os
+import re
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dinowatch.backends import BackendConfig, OnnxBackendConfig
 from dinowatch.errors import DinowatchError
+
+DEFAULT_CONFIG_PATH = Path("/etc/dinowatch/config.yaml")
+CONFIG_ENV = "DINOWATCH_CONFIG"
+PASSWORD_CREDENTIAL = "mqtt_password"  # systemd LoadCredential= name
 
 IMAGE_PATTERNS = ["*.jpg", "*.jpeg", "*.png", "*.webp", "*.heic", "*.heif", "*.bmp", "*.gif",
                   "*.tif", "*.tiff"]
@@ -25,6 +33,8 @@ class ConfigError(DinowatchError):
 
 
 class Section(BaseModel):
+    """A config section: unknown keys are errors."""
+
     model_config = ConfigDict(extra="forbid")
 
 
@@ -63,11 +73,13 @@ class DuplicateSettings(Section):
 
 
 class MatchingSettings(Section):
-    gallery_dir: Path | None = Field(default=None,
-                                     description="<label>/<image> references; default data_dir/gallery.")
+    gallery_dir: Path | None = Field(
+        default=None, description="<label>/<image> references; default data_dir/gallery."
+    )
     threshold: float = Field(default=0.75, ge=0, le=1, description="Gallery match threshold.")
     top_k: int = Field(default=3, ge=1, le=100, description="Matches reported per image.")
-    duplicates: DuplicateSettings = Field(default_factory=DuplicateSettings)
+    duplicates: DuplicateSettings = Field(default_factory=DuplicateSettings,
+                                          description="Near-duplicates of earlier images.")
 
 
 class TlsSettings(Section):
@@ -88,9 +100,10 @@ class MqttSettings(Section):
     port: int = Field(default=1883, ge=1, le=65535, description="Broker port.")
     username: str | None = Field(default=None, description="User name.")
     password_file: Path | None = Field(
-        default=None, description="File holding the password; else $CREDENTIALS_DIRECTORY/mqtt_password."
+        default=None,
+        description="File holding the password; else $CREDENTIALS_DIRECTORY/mqtt_password.",
     )
-    tls: TlsSettings = Field(default_factory=TlsSettings)
+    tls: TlsSettings = Field(default_factory=TlsSettings, description="Transport security.")
     protocol: Literal["3.1.1", "5"] = Field(default="5", description="MQTT protocol version.")
     keepalive: int = Field(default=60, ge=5, le=3600, description="Keep-alive seconds.")
     topic_prefix: str = Field(default="dinowatch", description="First topic level.")
@@ -98,23 +111,316 @@ class MqttSettings(Section):
     vector_encoding: Literal["base64", "json", "none"] = Field(
         default="base64", description="base64 (float32 LE) | json | none."
     )
-    homeassistant: HomeAssistantSettings = Field(default_factory=HomeAssistantSettings)
+    homeassistant: HomeAssistantSettings = Field(default_factory=HomeAssistantSettings,
+                                                 description="Home Assistant MQTT discovery.")
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_as_text(cls, value: object) -> object:
+        # YAML reads `protocol: 5` as an int.
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _valid_prefix(cls, value: str) -> str:
+        if not value or value.startswith("/") or value.endswith("/") or {"+", "#"} & set(value):
+            raise ValueError("must be non-empty, without '+', '#' or a leading/trailing '/'")
+        return value
+
+    def password(self) -> str | None:
+        """The broker password: `password_file`, else the systemd credential, else None."""
+        if self.password_file is not None:
+            return _read_secret(self.password_file, "mqtt.password_file")
+        credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+        if credentials and (Path(credentials) / PASSWORD_CREDENTIAL).is_file():
+            return _read_secret(Path(credentials) / PASSWORD_CREDENTIAL,
+                                f"$CREDENTIALS_DIRECTORY/{PASSWORD_CREDENTIAL}")
+        return None
 
 
 class LoggingSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO",
                                                                 description="Log level.")
 
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
 
 class Settings(Section):
     device_id: str = Field(default_factory=socket.gethostname,
-                           description="Used in topics and the MQTT client id.")
+                           description="Used in topics and the MQTT client id; null = hostname.")
     data_dir: Path = Field(default=Path("/var/lib/dinowatch"), description="Database, models.")
-    model: ModelSettings = Field(default_factory=ModelSettings)
-    backend: BackendConfig = Field(default_factory=OnnxBackendConfig)
-    imaging: ImagingSettings = Field(default_factory=ImagingSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings, description="Embedding model.")
+    backend: BackendConfig = Field(default_factory=OnnxBackendConfig,
+                                   description="Inference runtime.")
+    imaging: ImagingSettings = Field(default_factory=ImagingSettings,
+                                     description="Image decoding.")
     watch: list[WatchSettings] = Field(min_length=1, description="Folders to watch.")
-    matching: MatchingSettings = Field(default_factory=MatchingSettings)
+    matching: MatchingSettings = Field(default_factory=MatchingSettings,
+                                       description="Gallery and duplicate matching.")
     mqtt: MqttSettings | None = Field(default_factory=MqttSettings,
                                       description="null runs without a broker.")
-    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings, description="Logging.")
+
+    @field_validator("device_id", mode="before")
+    @classmethod
+    def _hostname_if_null(cls, value: object) -> object:
+        return socket.gethostname() if value is None else value
+
+    @field_validator("device_id")
+    @classmethod
+    def _valid_topic_level(cls, value: str) -> str:
+        if not value or {"/", "+", "#"} & set(value):
+            raise ValueError("must be non-empty, without '/', '+' or '#' (it is a topic level)")
+        return value
+
+    @property
+    def gallery_dir(self) -> Path:
+        """Labelled references: matching.gallery_dir, else data_dir/gallery."""
+        return self.matching.gallery_dir or self.data_dir / "gallery"
+
+
+def _read_secret(path: Path, key: str) -> str:
+    """The file's text without its trailing newline; errors name the file, never the content."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError([f"{key}: cannot read {path}: {err.strerror}"]) from err
+    except UnicodeDecodeError as err:
+        raise ConfigError([f"{key}: {path} is not UTF-8 text"]) from err
+    secret = text.rstrip("\r\n")
+    if not secret:
+        raise ConfigError([f"{key}: {path} is empty"])
+    return secret
+
+
+# ---- loading ------------------------------------------------------------------------------
+
+KeyPath = tuple[str | int, ...]
+_ENV_REFERENCE = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
+_STR_TAG = "tag:yaml.org,2002:str"
+
+
+def config_path(explicit: Path | None = None) -> Path:
+    """`explicit` (-c FILE), else $DINOWATCH_CONFIG, else /etc/dinowatch/config.yaml."""
+    if explicit is not None:
+        return explicit
+    from_env = os.environ.get(CONFIG_ENV)
+    return Path(from_env) if from_env else DEFAULT_CONFIG_PATH
+
+
+def load_settings(path: Path) -> Settings:
+    """Read, expand ${VAR} and validate `path`; raise one ConfigError listing every problem."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as err:
+        hint = f"choose the file with -c FILE or ${CONFIG_ENV}"
+        raise ConfigError([f"{path}: no such file ({hint})"]) from err
+    except OSError as err:
+        raise ConfigError([f"{path}: cannot read: {err.strerror}"]) from err
+    except UnicodeDecodeError as err:
+        raise ConfigError([f"{path}: not UTF-8 text"]) from err
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        document = _Document(root)
+        data = yaml.constructor.SafeConstructor().construct_document(root) if root else {}
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        line = f"{mark.line + 1}:" if mark else ""
+        detail = f"{err.problem} ({err.context})" if err.context else err.problem
+        raise ConfigError([f"{path}:{line} YAML syntax error: {detail}"]) from err
+    except yaml.YAMLError as err:
+        raise ConfigError([f"{path}: YAML error: {err}"]) from err
+    if not isinstance(data, dict):
+        kind = type(data).__name__
+        raise ConfigError([f"{path}:{document.line(())}: the top level must be a mapping of "
+                           f"settings (key: value), not a {kind}"])
+
+    problems = list(document.problems)
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as err:
+        settings = None
+        flagged = {key for _, key, _ in problems}
+        for error in err.errors():
+            key = _data_path(error["loc"], data)
+            if key not in flagged:
+                problems.append((document.line(key), key, _message(error, key, data)))
+    if problems or settings is None:
+        problems.sort(key=lambda problem: problem[0])
+        raise ConfigError([f"{path}:{line}: {_dotted(key) or '(top level)'}: {message}"
+                           for line, key, message in problems])
+    return settings
+
+
+class _Document:
+    """Walks the composed YAML: records each key's line, flags duplicates, expands ${VAR}."""
+
+    def __init__(self, root: yaml.Node | None) -> None:
+        self.lines: dict[KeyPath, int] = {}
+        self.problems: list[tuple[int, KeyPath, str]] = []
+        self._resolver = yaml.resolver.Resolver()
+        self._seen: set[int] = set()
+        if root is not None:
+            self.lines[()] = root.start_mark.line + 1
+            self._walk(root, ())
+
+    def line(self, key: KeyPath) -> int:
+        """Line of `key`, else of its nearest ancestor in the file (e.g. for a missing key)."""
+        for end in range(len(key), -1, -1):
+            if key[:end] in self.lines:
+                return self.lines[key[:end]]
+        return 1
+
+    def _walk(self, node: yaml.Node, key: KeyPath) -> None:
+        if id(node) in self._seen:  # an alias of a node walked already
+            return
+        self._seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                child = (*key, key_node.value)
+                line = key_node.start_mark.line + 1
+                if child in self.lines:
+                    self.problems.append(
+                        (line, child, f"duplicate key; it is also on line {self.lines[child]}"))
+                self.lines[child] = line
+                self._walk(value_node, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                self.lines[(*key, index)] = item.start_mark.line + 1
+                self._walk(item, (*key, index))
+        elif node.tag == _STR_TAG and "${" in node.value:
+            self._expand(node, key)
+
+    def _expand(self, node: yaml.ScalarNode, key: KeyPath) -> None:
+        unset: list[str] = []
+
+        def substitute(match: re.Match[str]) -> str:
+            value, default = os.environ.get(match["name"]), match["default"]
+            if value is None and default is None:
+                unset.append(match["name"])
+                return match[0]
+            return value if value or default is None else default
+
+        node.value = _ENV_REFERENCE.sub(substitute, node.value)
+        for name in unset:
+            self.problems.append((node.start_mark.line + 1, key,
+                                  f"environment variable {name} is not set "
+                                  f"(write ${{{name}:-default}} to give a default)"))
+        if node.style is None and not unset:  # plain scalar: `port: ${PORT}` becomes an int
+            node.tag = self._resolver.resolve(yaml.ScalarNode, node.value, (True, False))
+
+
+def _data_path(loc: tuple[str | int, ...], data: Any) -> KeyPath:
+    """Pydantic's error location as a path in the file: drops union tags such as 'onnx'."""
+    key: list[str | int] = []
+    for position, part in enumerate(loc):
+        in_file = (isinstance(data, dict) and part in data) or (
+            isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data))
+        if in_file:
+            data = data[part]
+        elif position < len(loc) - 1 or not isinstance(data, dict):
+            continue  # a union member's name, not a key of the file
+        key.append(part)
+    return tuple(key)
+
+
+def _message(error: Any, key: KeyPath, data: Any) -> str:
+    """One pydantic error as a user-facing sentence (never echoing an unknown key's value)."""
+    if error["type"] == "extra_forbidden":
+        return _unknown_key(key, data)
+    if key == ("watch",) and (error["type"] in ("missing", "too_short") or error["input"] is None):
+        return "at least one folder to watch is required (a list of '- path: /folder' entries)"
+    if error["type"] == "missing":
+        return "required key is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{message} (got {_shorten(repr(error['input']))})"
+
+
+def _unknown_key(key: KeyPath, data: Any) -> str:
+    name = str(key[-1])
+    if key[-2:] == ("mqtt", "password"):
+        return ("unknown key; keep the password out of this file: write it to a file "
+                "and set 'password_file' to that file's path")
+    fields = _field_names(key[:-1], data)
+    close = difflib.get_close_matches(name, fields, n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(fields)}"
+    return f"unknown key; {hint}"
+
+
+def _field_names(key: KeyPath, data: Any) -> list[str]:
+    """Field names of the section at `key` (for a union, the member the data's `type` picks)."""
+    models: list[type[BaseModel]] = [Settings]
+    for part in key:
+        data = data[part]
+        if isinstance(part, str):
+            fields = [m.model_fields[part] for m in models if part in m.model_fields]
+            models = _models_in(fields[0].annotation) if fields else []
+    if len(models) > 1 and isinstance(data, dict):
+        chosen = [m for m in models if "type" in m.model_fields
+                  and m.model_fields["type"].default == data.get("type")]
+        models = chosen or models
+    return sorted({name for model in models for name in model.model_fields})
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models inside an annotation (unwrapping Optional, list, Union, Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for arg in get_args(annotation) for model in _models_in(arg)]
+
+
+def _dotted(key: KeyPath) -> str:
+    """("watch", 0, "path") -> "watch[0].path"."""
+    text = ""
+    for part in key:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
+    return text
+
+
+def _shorten(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def settings_warnings(settings: Settings) -> list[str]:
+    """Things that are valid but probably not what the user wants (check-config prints them)."""
+    warnings: list[str] = []
+    sources: dict[str, int] = {}
+    for index, watch in enumerate(settings.watch):
+        where = f"watch[{index}]"
+        if not watch.path.exists():
+            warnings.append(f"{where}.path: {watch.path} does not exist yet; "
+                            "it will be watched when it appears")
+        elif not watch.path.is_dir():
+            warnings.append(f"{where}.path: {watch.path} is not a folder")
+        if watch.source_name in sources:
+            warnings.append(f"{where}.source: '{watch.source_name}' is also the source of "
+                            f"watch[{sources[watch.source_name]}]; payloads cannot tell them apart")
+        sources.setdefault(watch.source_name, index)
+    if settings.model.path is not None and not settings.model.path.is_file():
+        warnings.append(f"model.path: {settings.model.path} does not exist")
+    if settings.mqtt is not None:
+        warnings.extend(_mqtt_warnings(settings.mqtt))
+    return warnings
+
+
+def _mqtt_warnings(mqtt: MqttSettings) -> list[str]:
+    warnings: list[str] = []
+    try:
+        password = mqtt.password()
+    except ConfigError as err:
+        warnings.extend(err.errors)
+        password = None
+    if password is not None and mqtt.username is None:
+        warnings.append("mqtt.username: not set, so the MQTT password found is not used")
+    if mqtt.tls.enabled:
+        for name in ("ca_certs", "certfile", "keyfile"):
+            file = getattr(mqtt.tls, name)
+            if file is not None and not file.is_file():
+                warnings.append(f"mqtt.tls.{name}: {file} does not exist")
+    return warnings

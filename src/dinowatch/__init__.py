@@ -1,0 +1,7 @@
+"""dinowatch: an edge image-embedding daemon (DINOv2 ViT-S/14 -> SQLite -> MQTT)."""
+
+__version__ = "0.1.0"
+
+from dinowatch.embedder import DinoEmbedder
+
+__all__ = ["DinoEmbedder", "__version__"]

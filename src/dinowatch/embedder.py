@@ -1,0 +1,108 @@
+"""Embed stage: the seed-compatible DinoEmbedder (preprocess -> backend -> postprocess)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Self
+
+import numpy as np
+from PIL import Image
+
+from dinowatch import models
+from dinowatch.backends import Backend, BackendConfig, InputSpec, create_backend
+from dinowatch.imaging import ImagingOptions, decode, to_rgb
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One image ready for the backend, plus what the record stage wants to know of it."""
+
+    tensor: np.ndarray  # one image laid out as the backend's InputSpec says, no batch axis
+    width: int
+    height: int
+
+
+def preprocess(image: Image.Image, spec: InputSpec = InputSpec()) -> np.ndarray:
+    """The seed's preprocessing: RGB, 224x224 BILINEAR, /255, ImageNet mean/std, CHW."""
+    resized = to_rgb(image).resize((spec.size, spec.size), Image.Resampling.BILINEAR)
+    if not spec.normalized_on_host:
+        pixels = np.asarray(resized, dtype=np.uint8)  # the device normalizes
+    else:
+        pixels = (np.asarray(resized, dtype=np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1) if spec.layout == "NCHW" else pixels)
+
+
+def postprocess(output: np.ndarray, dim: int, normalize: bool = True) -> np.ndarray:
+    """Model output -> (B, dim) float32: [B, D] is the CLS row, [B, N, D] takes token 0."""
+    if output.ndim == 3:
+        output = output[:, 0]
+    if output.ndim != 2 or output.shape[1] != dim:
+        raise RuntimeError(f"unexpected model output shape {tuple(output.shape)}: expected "
+                           f"[batch, {dim}] or [batch, tokens, {dim}]")
+    vectors = output.astype(np.float32, copy=True)
+    if normalize:
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        np.divide(vectors, norms, out=vectors, where=norms > 0)  # a zero vector stays zero
+    return vectors
+
+
+class DinoEmbedder:
+    """DINOv2 ViT-S/14 image embeddings, with the seed library's API and errors."""
+
+    def __init__(self, model_path: str | Path | None = None, *,
+                 model_name: str = models.DEFAULT_MODEL,
+                 backend: BackendConfig | None = None,
+                 imaging: ImagingOptions = ImagingOptions(),
+                 cache_dir: Path | None = None) -> None:
+        entry = models.get_entry(model_name)
+        self.model_name = model_name
+        self.dim = entry.dim
+        self.model_path = models.resolve(model_name, Path(model_path) if model_path else None,
+                                         cache_dir=cache_dir)
+        self._pinned_sha256 = entry.sha256 if model_path is None else None
+        self.imaging = imaging
+        self.backend: Backend = create_backend(self.model_path, backend)
+
+    @cached_property
+    def model_sha256(self) -> str:
+        """The model file's sha256, published with each vector so consumers tell models apart."""
+        return self._pinned_sha256 or models.sha256_file(self.model_path)
+
+    def prepare(self, image_path: str | Path) -> Prepared:
+        """Decode and preprocess one file (the part that can run beside inference)."""
+        decoded = decode(image_path, self.imaging, self.backend.input_spec.size)
+        return Prepared(preprocess(decoded.image, self.backend.input_spec),
+                        decoded.width, decoded.height)
+
+    def infer(self, tensors: Sequence[np.ndarray], normalize: bool = True) -> np.ndarray:
+        """Run prepared tensors through the backend as one batch: (N, dim) float32."""
+        return postprocess(self.backend.infer(np.stack(tensors)), self.dim, normalize)
+
+    def embed(self, image_path: str | Path, normalize: bool = True) -> np.ndarray:
+        """One image file -> (dim,) float32, L2-normalized unless `normalize=False`."""
+        return self.infer([self.prepare(image_path).tensor], normalize)[0]
+
+    def embed_batch(self, image_paths: Sequence[str | Path], normalize: bool = True) -> np.ndarray:
+        """Several image files -> (N, dim); the first bad file raises, naming it."""
+        if not image_paths:
+            return np.empty((0, self.dim), dtype=np.float32)
+        return self.infer([self.prepare(path).tensor for path in image_paths], normalize)
+
+    def embed_image(self, image: Image.Image, normalize: bool = True) -> np.ndarray:
+        """An already-open PIL image -> (dim,) float32."""
+        return self.infer([preprocess(image, self.backend.input_spec)], normalize)[0]
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,114 @@
+"""Decode stage: formats, modes, EXIF, JPEG draft, pixel limit and bad files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, UnidentifiedImageError
+
+from dinowatch.imaging import ImageError, ImageTooLarge, ImagingOptions, decode
+from dinowatch.testing import synthetic_photo, write_png_header
+
+
+@pytest.mark.parametrize(("suffix", "save_kwargs", "lossless"), [
+    (".jpg", {"quality": 95}, False),
+    (".png", {}, True),
+    (".webp", {"lossless": True}, True),
+    (".heic", {"quality": 95}, False),
+    (".bmp", {}, True),
+    (".tif", {}, True),
+])
+def test_formats_decode_to_the_same_rgb_picture(tmp_path: Path, suffix: str, save_kwargs: dict,
+                                                lossless: bool) -> None:
+    original = synthetic_photo(320, 240, seed=3)
+    path = tmp_path / f"picture{suffix}"
+    original.save(path, **save_kwargs)
+    decoded = decode(path)
+    assert (decoded.image.mode, decoded.image.size) == ("RGB", (320, 240))
+    assert (decoded.width, decoded.height) == (320, 240)
+    error = np.abs(np.asarray(decoded.image, np.int16) - np.asarray(original, np.int16)).mean()
+    assert error == 0 if lossless else error < 6
+
+
+def test_gif_uses_the_first_frame(tmp_path: Path) -> None:
+    frames = [Image.new("RGB", (64, 48), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    path = tmp_path / "animated.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100)
+    assert decode(path).image.getpixel((10, 10)) == (255, 0, 0)
+
+
+@pytest.mark.parametrize(("image", "expected"), [
+    (Image.new("RGBA", (8, 8), (10, 20, 30, 0)), (10, 20, 30)),
+    (Image.new("LA", (8, 8), (77, 128)), (77, 77, 77)),
+    (Image.new("L", (8, 8), 100), (100, 100, 100)),
+    (Image.new("RGB", (8, 8), (1, 2, 3)).convert("P", palette=Image.Palette.ADAPTIVE), (1, 2, 3)),
+    (Image.new("CMYK", (8, 8), (0, 255, 255, 0)), (255, 0, 0)),
+    (Image.new("I;16", (8, 8), 40000), (155, 155, 155)),  # scaled, not clipped to white
+    (Image.new("1", (8, 8), 1), (255, 255, 255)),
+])
+def test_modes_become_rgb(tmp_path: Path, image: Image.Image, expected: tuple) -> None:
+    path = tmp_path / f"mode-{image.mode.replace(';', '_')}.{'tif' if image.mode != 'P' else 'png'}"
+    image.save(path)
+    decoded = decode(path).image
+    assert decoded.mode == "RGB"
+    assert decoded.getpixel((4, 4)) == expected
+
+
+def _rotated_jpeg(path: Path) -> Path:
+    image = Image.new("RGB", (40, 20), (255, 255, 255))
+    image.paste((255, 0, 0), (0, 0, 10, 20))  # red stripe on the left as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    image.save(path, exif=exif, quality=95)
+    return path
+
+
+def test_exif_orientation_is_applied_only_when_asked(tmp_path: Path) -> None:
+    path = _rotated_jpeg(tmp_path / "rotated.jpg")
+    plain = decode(path)
+    assert plain.image.size == (40, 20) and (plain.width, plain.height) == (40, 20)
+    upright = decode(path, ImagingOptions(exif_transpose=True))
+    assert upright.image.size == (20, 40) and (upright.width, upright.height) == (20, 40)
+    red, green, blue = upright.image.getpixel((10, 2))  # the stripe is now along the top
+    assert red > 200 and green < 60 and blue < 60
+
+
+def test_fast_jpeg_drafts_to_at_least_twice_the_input(tmp_path: Path) -> None:
+    path = tmp_path / "big.jpg"
+    synthetic_photo(4056, 3040, seed=4).save(path, quality=90)
+    exact = decode(path)
+    fast = decode(path, ImagingOptions(fast_jpeg=True))
+    assert exact.image.size == (4056, 3040)
+    assert min(fast.image.size) >= 448 and fast.image.size[0] < 1100  # scale 1/4 or 1/8
+    assert (fast.width, fast.height) == (4056, 3040)  # the record keeps the true size
+    exact_small = np.asarray(exact.image.resize((224, 224), Image.Resampling.BILINEAR), np.float32)
+    fast_small = np.asarray(fast.image.resize((224, 224), Image.Resampling.BILINEAR), np.float32)
+    error = np.abs(exact_small - fast_small).mean()
+    print(f"fast_jpeg: {fast.image.size} draft, mean abs difference at 224 px {error:.2f}/255")
+    assert error < 3
+
+
+def test_pixel_limit_is_a_dinowatch_error_naming_the_file(tmp_path: Path) -> None:
+    huge = write_png_header(tmp_path / "huge.png", 20000, 20000)
+    with pytest.raises(ImageTooLarge, match=r"huge\.png"):
+        decode(huge)
+    small = tmp_path / "small.png"
+    Image.new("RGB", (200, 100)).save(small)
+    with pytest.raises(ImageTooLarge, match=r"small\.png: 200x100 is over the limit of 19,999"):
+        decode(small, ImagingOptions(max_pixels=19_999))
+    assert decode(small, ImagingOptions(max_pixels=20_000)).image.size == (200, 100)
+
+
+def test_truncated_and_corrupt_files_name_the_file(tmp_path: Path) -> None:
+    good = tmp_path / "good.jpg"
+    synthetic_photo(640, 480, seed=5).save(good, quality=90)
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ImageError, match=r"truncated\.jpg"):
+        decode(truncated)
+    text = tmp_path / "notes.jpg"
+    text.write_text("not a picture\n")
+    with pytest.raises(UnidentifiedImageError, match=r"notes\.jpg"):
+        decode(text)
