@@ -1,0 +1,410 @@
+"""Intake: watch folders and report each matching file once it is complete.
+
+One `FolderWatcher` per watch entry. A watchdog observer (inotify, or polling for network
+mounts) feeds events. A file is complete when it is closed after writing or moved into
+place; failing that (polling, SMB), when its size and mtime stay unchanged for
+`settle_seconds`. The watcher's own thread settles pending files, runs the catch-up scan and
+supervises the folder: a missing or unreadable folder is reported once per outage and
+watched again, with a fresh catch-up scan, as soon as it is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Protocol
+
+from watchdog.events import (
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from dinowatch.config import WatchSettings
+
+log = logging.getLogger(__name__)
+
+CHECK_INTERVAL = 5.0  # seconds between folder health checks (exists, same inode, observer alive)
+SETTLE_TICK = 0.25  # longest pause between looks at pending files (shorter for small settles)
+MIN_SETTLE_TICK = 0.02
+POLL_INTERVAL = 1.0  # PollingObserver: seconds between directory snapshots
+JOIN_TIMEOUT = 10.0  # stop() gives up waiting (and logs) after this; threads are daemons
+REPORTED_MAX = 4096  # recent reports remembered so one write is never reported twice
+
+# Only what intake acts on: leaves out open/access/close-without-write, which the daemon's
+# own reads of every image would otherwise add.
+EVENT_TYPES: list[type[FileSystemEvent]] = [
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileClosedEvent,
+    FileDeletedEvent,
+    FileMovedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+]
+
+Signature = tuple[int, int, int]  # (inode, size, mtime_ns): changes with every write or replace
+
+
+class WatchEvents(Protocol):
+    """Receiver of intake events (the daemon). Callbacks must only hand off and return."""
+
+    def file_ready(self, path: Path, watch: WatchSettings) -> None: ...
+    def file_deleted(self, path: Path, watch: WatchSettings) -> None: ...
+    def folder_scanned(self, watch: WatchSettings, present: set[Path]) -> None: ...
+    def folder_error(self, watch: WatchSettings, message: str) -> None: ...
+
+
+def _any_match(name: str, patterns: list[str]) -> bool:
+    name = name.lower()  # cameras write .JPG
+    return any(fnmatchcase(name, pattern.lower()) for pattern in patterns)
+
+
+def matches(path: Path, watch: WatchSettings) -> bool:
+    """True if the watch takes this file: included, not excluded, not in a skipped sub-folder."""
+    try:
+        parts = path.relative_to(watch.path).parts
+    except ValueError:
+        return False
+    if not parts or (not watch.recursive and len(parts) > 1):
+        return False
+    # Exclusions apply to every folder below the root too, so ".*" hides ".thumbnails/a.jpg".
+    return _any_match(parts[-1], watch.include) and not any(
+        _any_match(part, watch.exclude) for part in parts
+    )
+
+
+def scan(watch: WatchSettings) -> Iterator[Path]:
+    """Yield the matching files below the watch folder, depth first, sorted by name.
+
+    An unreadable root raises `OSError`; an unreadable sub-folder is logged and skipped.
+    """
+    yield from _walk(watch.path, watch, root=True)
+
+
+def _walk(folder: Path, watch: WatchSettings, *, root: bool) -> Iterator[Path]:
+    try:
+        with os.scandir(folder) as listing:
+            entries = sorted(listing, key=lambda entry: entry.name)
+    except OSError as err:
+        if root:
+            raise
+        log.warning("Cannot list %s: %s", folder, err)
+        return
+    for entry in entries:
+        path = folder / entry.name
+        try:  # symlinked folders are not followed: they could loop
+            is_dir, is_file = entry.is_dir(follow_symlinks=False), entry.is_file()
+        except OSError as err:
+            log.warning("Cannot stat %s: %s", path, err)
+            continue
+        if is_dir and watch.recursive and not _any_match(entry.name, watch.exclude):
+            yield from _walk(path, watch, root=False)
+        elif is_file and not is_dir and matches(path, watch):
+            yield path
+
+
+def _signature(st: os.stat_result) -> Signature:
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+@dataclass(slots=True)
+class _Pending:
+    signature: Signature | None  # None: not looked at yet
+    since: float  # monotonic time the signature last changed
+
+
+class _Handler(FileSystemEventHandler):
+    """Adapter for the observer thread; nothing may escape into watchdog's thread."""
+
+    def __init__(self, watcher: FolderWatcher) -> None:
+        self._watcher = watcher
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        try:
+            self._watcher._on_event(event)
+        except Exception:
+            log.exception("Handling %s failed", event)
+
+
+class FolderWatcher:
+    """Watches one folder and reports complete files to `events`."""
+
+    def __init__(
+        self, watch: WatchSettings, events: WatchEvents, *, check_interval: float = CHECK_INTERVAL
+    ) -> None:
+        self.watch = watch
+        self._events = events
+        self._check_interval = check_interval
+        self._tick = max(MIN_SETTLE_TICK, min(SETTLE_TICK, watch.settle_seconds / 4))
+        self._lock = threading.Lock()  # guards _pending and _reported (observer vs own thread)
+        self._pending: dict[Path, _Pending] = {}
+        self._reported: OrderedDict[Path, Signature] = OrderedDict()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._rescan = True
+        # Owned by the watcher thread alone:
+        self._observer: BaseObserver | None = None
+        self._identity: tuple[int, int] | None = None
+        self._outage = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start watching without blocking; the catch-up scan runs on the watcher's thread."""
+        if self._thread is not None:
+            raise RuntimeError(f"watcher for {self.watch.path} already started")
+        self._thread = threading.Thread(
+            target=self._run, name=f"watch-{self.watch.source_name}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the observer and the watcher thread, and wait for them."""
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(JOIN_TIMEOUT)
+            if self._thread.is_alive():
+                log.warning(
+                    "Watcher for %s did not stop within %s s", self.watch.path, JOIN_TIMEOUT
+                )
+
+    # -- watcher thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_check = 0.0
+        while not self._stopping.is_set():
+            try:
+                if self._wake.is_set() or time.monotonic() >= next_check:
+                    self._wake.clear()
+                    self._supervise()
+                    next_check = time.monotonic() + self._check_interval
+                self._settle()
+            except Exception:  # a bug here must not end watching for good
+                log.exception("Watcher for %s failed; retrying", self.watch.path)
+            self._wake.wait(self._tick)
+        self._teardown()
+
+    def _supervise(self) -> None:
+        """Check the folder; (re)start the observer and catch up when needed."""
+        try:
+            with os.scandir(self.watch.path):  # exists, is a folder, and is readable
+                pass
+            st = self.watch.path.stat()
+        except OSError as err:
+            self._fail(err)
+            return
+        # A new inode or device means removed and recreated, or (un)mounted: inotify watches
+        # the old one. The emitter also ends by itself when inotify drops its watch.
+        identity = (st.st_dev, st.st_ino)
+        if identity != self._identity or not self._observer_alive():
+            self._teardown()
+            try:
+                self._observer = self._start_observer()
+            except OSError as err:  # e.g. the inotify watch limit
+                self._fail(err)
+                return
+            self._identity = identity
+            self._rescan = True
+        if self._outage:
+            self._outage = False
+            log.info("Watch folder %s is available again", self.watch.path)
+        if self._rescan:
+            self._rescan = False
+            self._catch_up()
+
+    def _fail(self, err: OSError) -> None:
+        """Stop watching an unusable folder; report it once per outage."""
+        self._teardown()
+        self._identity = None
+        with self._lock:
+            self._pending.clear()
+        if not self._outage:
+            self._outage = True
+            log.warning("Cannot watch %s: %s", self.watch.path, err.strerror or err)
+            message = f"cannot watch {self.watch.path}: {err.strerror or err}"
+            self._call(self._events.folder_error, self.watch, message)
+
+    def _observer_alive(self) -> bool:
+        observer = self._observer
+        if observer is None or not observer.is_alive():
+            return False
+        emitters = list(observer.emitters)
+        return bool(emitters) and all(emitter.is_alive() for emitter in emitters)
+
+    def _start_observer(self) -> BaseObserver:
+        observer: BaseObserver
+        if self.watch.polling:
+            observer = PollingObserver(timeout=POLL_INTERVAL)
+        elif sys.platform.startswith("linux"):
+            from watchdog.observers.inotify import InotifyObserver
+
+            # Full events report moves into and out of the tree as moves, not create/delete,
+            # so a file moved in counts as complete at once instead of having to settle.
+            observer = InotifyObserver(generate_full_events=True)
+        else:
+            observer = Observer()
+        try:
+            observer.schedule(
+                _Handler(self),
+                str(self.watch.path),
+                recursive=self.watch.recursive,
+                event_filter=EVENT_TYPES,
+            )
+            observer.start()
+        except BaseException:
+            observer.stop()  # the inotify observer already runs a reader thread
+            raise
+        log.info("Watching %s (%s)", self.watch.path, "polling" if self.watch.polling else "events")
+        return observer
+
+    def _teardown(self) -> None:
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            try:
+                observer.stop()
+                observer.join(JOIN_TIMEOUT)
+            except Exception:
+                log.exception("Stopping the observer of %s failed", self.watch.path)
+
+    def _catch_up(self) -> None:
+        """List the folder: report complete files; fresh ones (maybe half written) settle."""
+        present: set[Path] = set()
+        try:
+            for path in scan(self.watch):
+                if self._stopping.is_set():
+                    return
+                try:
+                    st = path.stat()
+                except OSError:
+                    continue  # gone since the listing
+                present.add(path)
+                fresh = time.time() - st.st_mtime < self.watch.settle_seconds
+                with self._lock:
+                    if path in self._pending:
+                        continue  # being written: reported when complete
+                    if fresh:
+                        self._pending[path] = _Pending(None, time.monotonic())
+                        continue
+                self._emit_ready(path, _signature(st), force=True)
+        except OSError as err:
+            self._fail(err)
+            return
+        try:  # a folder gone or replaced meanwhile makes the listing partial: don't report it
+            st = self.watch.path.stat()
+        except OSError as err:
+            self._fail(err)
+            return
+        if (st.st_dev, st.st_ino) != self._identity:
+            self._wake.set()  # the supervisor re-watches and scans again
+            return
+        log.info("Catch-up scan of %s: %d files", self.watch.path, len(present))
+        self._call(self._events.folder_scanned, self.watch, present)
+
+    def _settle(self) -> None:
+        """Report pending files whose size and mtime stayed unchanged for settle_seconds."""
+        with self._lock:
+            pending = list(self._pending.items())
+        for path, entry in pending:
+            now = time.monotonic()
+            try:
+                signature = _signature(path.stat())
+            except OSError:
+                signature = None  # vanished: forget it (its delete event follows)
+            with self._lock:
+                if self._pending.get(path) is not entry:
+                    continue  # touched again or reported meanwhile
+                if signature is None:
+                    del self._pending[path]
+                    continue
+                if signature != entry.signature:
+                    entry.signature, entry.since = signature, now
+                    continue
+                if now - entry.since < self.watch.settle_seconds:
+                    continue
+            self._emit_ready(path, signature)
+
+    # -- both threads ------------------------------------------------------------------------
+
+    def _on_event(self, event: FileSystemEvent) -> None:
+        """Observer thread: classify one event and hand off."""
+        src = Path(os.fsdecode(event.src_path)) if event.src_path else None
+        dest = Path(os.fsdecode(event.dest_path)) if event.dest_path else None
+        if event.is_directory:
+            if src == self.watch.path and isinstance(event, DirDeletedEvent | DirMovedEvent):
+                self._wake.set()  # the folder itself is gone: the supervisor handles it now
+            elif (
+                isinstance(event, DirMovedEvent)
+                and src is not None
+                and (dest is None or not dest.is_relative_to(self.watch.path))
+            ):
+                # A folder left the tree without per-file events; a rescan's folder_scanned
+                # tells the daemon what is still present.
+                self._rescan = True
+                self._wake.set()
+            return
+        if isinstance(event, FileMovedEvent):
+            if src is not None and matches(src, self.watch):
+                self._deleted(src)
+            if dest is not None and matches(dest, self.watch):
+                self._emit_ready(dest)
+        elif src is None or not matches(src, self.watch):
+            return
+        elif isinstance(event, FileClosedEvent):
+            self._emit_ready(src)
+        elif isinstance(event, FileDeletedEvent):
+            self._deleted(src)
+        elif isinstance(event, FileCreatedEvent | FileModifiedEvent):
+            with self._lock:
+                self._pending[src] = _Pending(None, time.monotonic())
+
+    def _emit_ready(
+        self, path: Path, signature: Signature | None = None, *, force: bool = False
+    ) -> None:
+        """Report a complete file, unless this very write was reported already."""
+        if signature is None:
+            try:
+                signature = _signature(path.stat())
+            except OSError as err:
+                log.debug("Not reporting %s: %s", path, err)
+                return
+        with self._lock:
+            self._pending.pop(path, None)
+            if not force and self._reported.get(path) == signature:
+                return
+            self._reported[path] = signature
+            self._reported.move_to_end(path)
+            if len(self._reported) > REPORTED_MAX:
+                self._reported.popitem(last=False)
+        self._call(self._events.file_ready, path, self.watch)
+
+    def _deleted(self, path: Path) -> None:
+        with self._lock:
+            self._pending.pop(path, None)
+            self._reported.pop(path, None)
+        self._call(self._events.file_deleted, path, self.watch)
+
+    def _call(self, callback: Callable[..., None], *args: object) -> None:
+        """Run a callback; its failure is logged and never ends a watcher thread."""
+        try:
+            callback(*args)
+        except Exception:
+            name = getattr(callback, "__name__", repr(callback))
+            log.exception("%s callback failed for %s", name, self.watch.path)
