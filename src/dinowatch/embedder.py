@@ -74,9 +74,9 @@ class DinoEmbedder:
         """The model file's sha256, published with each vector so consumers tell models apart."""
         return self._pinned_sha256 or models.sha256_file(self.model_path)
 
-    def prepare(self, image_path: str | Path) -> Prepared:
-        """Decode and preprocess one file (the part that can run beside inference)."""
-        decoded = decode(image_path, self.imaging, self.backend.input_spec.size)
+    def prepare(self, image_path: str | Path, data: bytes | None = None) -> Prepared:
+        """Decode and preprocess one file, or its bytes (the part that runs beside inference)."""
+        decoded = decode(image_path, self.imaging, self.backend.input_spec.size, data)
         return Prepared(preprocess(decoded.image, self.backend.input_spec),
                         decoded.width, decoded.height)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,9 +43,9 @@ class DecodedImage:
     height: int
 
 
-def decode(path: str | Path, options: ImagingOptions = ImagingOptions(), draft_size: int = 224
-           ) -> DecodedImage:
-    """Open, check and fully decode `path` into RGB.
+def decode(path: str | Path, options: ImagingOptions = ImagingOptions(), draft_size: int = 224,
+           data: bytes | None = None) -> DecodedImage:
+    """Open, check and fully decode `path` (or its bytes `data`, already read) into RGB.
 
     Raises FileNotFoundError, PIL.UnidentifiedImageError (not an image), ImageTooLarge, or
     ImageError (truncated, unreadable, a directory, ...).
@@ -54,7 +55,7 @@ def decode(path: str | Path, options: ImagingOptions = ImagingOptions(), draft_s
         with warnings.catch_warnings():
             # Our own pixel limit below replaces PIL's warning with an error naming the file.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(data) if data is not None else path) as image:
                 width, height = image.size
                 if width * height > options.max_pixels:
                     raise ImageTooLarge(f"{path}: {width}x{height} is over the limit of "

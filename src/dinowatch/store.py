@@ -1,0 +1,269 @@
+"""Record stage: SQLite holds images, vectors and the MQTT outbox.
+
+One writer thread owns every write, so an image's row, its vector and its outgoing messages
+commit in one transaction and no two threads ever contend for the write lock. Readers open
+their own connections (WAL lets them read while the writer writes).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from dinowatch.errors import DinowatchError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Each migration moves the schema one version up; never edit one that has shipped.
+MIGRATIONS = [
+    """
+    CREATE TABLE images (
+        path TEXT PRIMARY KEY,
+        source TEXT NOT NULL,
+        sha256 TEXT,
+        size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        width INTEGER,
+        height INTEGER,
+        status TEXT NOT NULL CHECK (status IN ('done', 'failed', 'deleted')),
+        error TEXT,
+        model TEXT,
+        updated_at TEXT NOT NULL
+    );
+    CREATE INDEX images_sha256 ON images (sha256);
+    CREATE INDEX images_status ON images (status, updated_at);
+    CREATE TABLE vectors (
+        sha256 TEXT NOT NULL,
+        model TEXT NOT NULL,
+        vector BLOB NOT NULL,
+        PRIMARY KEY (sha256, model)
+    );
+    CREATE TABLE outbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        topic TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        qos INTEGER NOT NULL,
+        retain INTEGER NOT NULL DEFAULT 0,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+]
+
+
+class StoreError(DinowatchError):
+    """The database cannot be opened or is newer than this dinowatch."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    path: str
+    source: str
+    size: int
+    mtime_ns: int
+    status: str  # done | failed | deleted
+    sha256: str | None = None
+    width: int | None = None
+    height: int | None = None
+    error: str | None = None
+    model: str | None = None
+
+
+@dataclass(frozen=True)
+class Message:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+
+
+@dataclass(frozen=True)
+class OutboxMessage(Message):
+    seq: int = 0
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Store:
+    """The dinowatch database at `path` (created and migrated on open)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._jobs: queue.Queue[tuple[Callable[[sqlite3.Connection], Any], Future] | None] = (
+            queue.Queue())
+        writer = self._connect()
+        self._migrate(writer)
+        self._writer = threading.Thread(target=self._write_loop, args=(writer,),
+                                        name="store-writer", daemon=True)
+        self._writer.start()
+
+    # -- plumbing -------------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            connection = sqlite3.connect(self.path, timeout=30, isolation_level=None,
+                                         check_same_thread=False)
+            connection.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit survives a power cut, which the outbox's promise depends on.
+            connection.execute("PRAGMA synchronous=FULL")
+        except sqlite3.Error as err:
+            raise StoreError(f"cannot open database {self.path}: {err}") from err
+        connection.row_factory = sqlite3.Row
+        return connection
+
+    def _migrate(self, connection: sqlite3.Connection) -> None:
+        version = connection.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise StoreError(f"{self.path} has schema version {version}; this dinowatch knows "
+                             f"up to {len(MIGRATIONS)}: upgrade dinowatch")
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            connection.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;")
+            log.info("database %s migrated to schema version %d", self.path, number)
+
+    def _write_loop(self, connection: sqlite3.Connection) -> None:
+        while (job := self._jobs.get()) is not None:
+            work, future = job
+            try:
+                connection.execute("BEGIN IMMEDIATE")
+                result = work(connection)
+                connection.execute("COMMIT")
+            except BaseException as err:  # the caller gets it through the future
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+                future.set_exception(err)
+            else:
+                future.set_result(result)
+        connection.close()
+
+    def _write(self, work: Callable[[sqlite3.Connection], T], wait: bool = True) -> T | None:
+        future: Future[T] = Future()
+        self._jobs.put((work, future))
+        return future.result() if wait else None
+
+    @property
+    def _reader(self) -> sqlite3.Connection:
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self._local.connection = self._connect()
+        return connection
+
+    def close(self) -> None:
+        """Finish queued writes, then stop the writer."""
+        if self._writer.is_alive():
+            self._jobs.put(None)
+            self._writer.join()
+
+    # -- writes ---------------------------------------------------------------------------
+    def record(self, image: ImageRecord, vector: np.ndarray | None,
+               messages: Iterable[Message]) -> None:
+        """Store an image's row, its vector and its outgoing messages in ONE transaction."""
+        messages = list(messages)
+
+        def work(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT OR REPLACE INTO images (path, source, sha256, size, mtime_ns, width, "
+                "height, status, error, model, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (image.path, image.source, image.sha256, image.size, image.mtime_ns,
+                 image.width, image.height, image.status, image.error, image.model, utc_now()))
+            if vector is not None:
+                db.execute("INSERT OR IGNORE INTO vectors (sha256, model, vector) VALUES (?,?,?)",
+                           (image.sha256, image.model, vector.astype("<f4").tobytes()))
+            _insert_messages(db, messages)
+
+        self._write(work)
+
+    def enqueue(self, messages: Iterable[Message]) -> None:
+        """Queue messages that belong to no image (e.g. a folder error)."""
+        messages = list(messages)
+        self._write(lambda db: _insert_messages(db, messages))
+
+    def mark_deleted(self, paths: Iterable[str]) -> int:
+        """Mark images whose files are gone; returns how many rows changed."""
+        paths = list(paths)
+
+        def work(db: sqlite3.Connection) -> int:
+            now = utc_now()
+            return sum(db.execute("UPDATE images SET status = 'deleted', updated_at = ? "
+                                  "WHERE path = ? AND status != 'deleted'", (now, p)).rowcount
+                       for p in paths)
+
+        return self._write(work) or 0
+
+    def ack(self, seq: int) -> None:
+        """The broker has the message: drop it from the outbox (does not wait)."""
+        self._write(lambda db: db.execute("DELETE FROM outbox WHERE seq = ?", (seq,)), wait=False)
+
+    def put_meta(self, key: str, value: str) -> None:
+        self._write(lambda db: db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                                          (key, value)), wait=False)
+
+    # -- reads ----------------------------------------------------------------------------
+    def image(self, path: str) -> ImageRecord | None:
+        row = self._reader.execute(
+            "SELECT path, source, size, mtime_ns, status, sha256, width, height, error, model "
+            "FROM images WHERE path = ?", (path,)).fetchone()
+        return ImageRecord(**dict(row)) if row else None
+
+    def known(self, sha256: str, model: str) -> tuple[np.ndarray, int | None, int | None] | None:
+        """The stored vector (and picture size) for these bytes under this model, if any."""
+        row = self._reader.execute(
+            "SELECT v.vector, i.width, i.height FROM vectors v LEFT JOIN images i "
+            "ON i.sha256 = v.sha256 AND i.model = v.model WHERE v.sha256 = ? AND v.model = ? "
+            "LIMIT 1", (sha256, model)).fetchone()
+        if row is None:
+            return None
+        return np.frombuffer(row[0], dtype="<f4").astype(np.float32), row[1], row[2]
+
+    def live_paths(self, root: Path) -> set[str]:
+        """Paths below `root` that the store believes still exist."""
+        prefix = str(root).rstrip("/") + "/"
+        rows = self._reader.execute(
+            "SELECT path FROM images WHERE status != 'deleted' AND substr(path, 1, ?) = ?",
+            (len(prefix), prefix))
+        return {row[0] for row in rows}
+
+    def outbox_after(self, seq: int, limit: int) -> list[OutboxMessage]:
+        rows = self._reader.execute(
+            "SELECT seq, topic, payload, qos, retain FROM outbox WHERE seq > ? ORDER BY seq "
+            "LIMIT ?", (seq, limit))
+        return [OutboxMessage(topic=r["topic"], payload=bytes(r["payload"]), qos=r["qos"],
+                              retain=bool(r["retain"]), seq=r["seq"]) for r in rows]
+
+    def outbox_depth(self) -> int:
+        return self._reader.execute("SELECT count(*) FROM outbox").fetchone()[0]
+
+    def counts(self) -> dict[str, int]:
+        rows = self._reader.execute("SELECT status, count(*) FROM images GROUP BY status")
+        return {"done": 0, "failed": 0, "deleted": 0} | {row[0]: row[1] for row in rows}
+
+    def last_errors(self, limit: int = 5) -> list[dict[str, str]]:
+        rows = self._reader.execute(
+            "SELECT path, error, updated_at FROM images WHERE status = 'failed' "
+            "ORDER BY updated_at DESC LIMIT ?", (limit,))
+        return [dict(row) for row in rows]
+
+    def meta(self, key: str) -> str | None:
+        row = self._reader.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+
+def _insert_messages(db: sqlite3.Connection, messages: list[Message]) -> None:
+    now = utc_now()
+    db.executemany(
+        "INSERT INTO outbox (topic, payload, qos, retain, created_at) VALUES (?,?,?,?,?)",
+        [(m.topic, m.payload, m.qos, int(m.retain), now) for m in messages])

@@ -1,0 +1,154 @@
+"""decode -> embed -> record: each file once, same bytes reused, failures recorded."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dinowatch import DinoEmbedder
+from dinowatch.imaging import ImagingOptions
+from dinowatch.pipeline import Messages, Pipeline
+from dinowatch.store import ImageRecord, Message, Store
+from dinowatch.testing import synthetic_photo
+
+
+class TopicMessages(Messages):
+    """Payloads reduced to what these tests check: which file, which outcome."""
+
+    def embedding(self, record: ImageRecord, vector: np.ndarray) -> list[Message]:
+        return [Message("embedding", record.path.encode())]
+
+    def error(self, path: str | None, error: BaseException) -> list[Message]:
+        return [Message("error", f"{path}|{type(error).__name__}".encode())]
+
+
+class CountingEmbedder(DinoEmbedder):
+    """The real embedder, counting how many images reach the backend."""
+
+    inferred = 0
+
+    def infer(self, tensors, normalize=True):  # type: ignore[no-untyped-def]
+        self.inferred += len(tensors)
+        return super().infer(tensors, normalize)
+
+
+@pytest.fixture
+def embedder(tiny_model: Path) -> CountingEmbedder:
+    return CountingEmbedder(tiny_model, imaging=ImagingOptions(exif_transpose=True,
+                                                               fast_jpeg=True))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    store = Store(tmp_path / "db" / "dinowatch.db")
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def pipeline(embedder: CountingEmbedder, store: Store) -> Iterator[Pipeline]:
+    pipeline = Pipeline(embedder, store, TopicMessages())
+    pipeline.start()
+    yield pipeline
+    pipeline.stop()
+
+
+def run(pipeline: Pipeline, *paths: Path, timeout: float = 60) -> None:
+    for path in paths:
+        pipeline.submit(path, "cam")
+    deadline = time.monotonic() + timeout
+    while pipeline.queued:
+        assert time.monotonic() < deadline, "pipeline did not finish"
+        time.sleep(0.02)
+
+
+def outbox(store: Store) -> list[tuple[str, str]]:
+    return [(m.topic, m.payload.decode()) for m in store.outbox_after(0, 1000)]
+
+
+def photos(folder: Path, count: int, start: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for seed in range(start, start + count):
+        paths.append(folder / f"img{seed:03d}.jpg")
+        synthetic_photo(320, 240, seed=seed).save(paths[-1], quality=90)
+    return paths
+
+
+def test_each_file_is_embedded_recorded_and_queued_once(pipeline: Pipeline, store: Store,
+                                                        embedder: CountingEmbedder,
+                                                        tmp_path: Path) -> None:
+    paths = photos(tmp_path / "in", 10)
+    run(pipeline, *paths)
+    run(pipeline, *paths)  # submitted again, unchanged: nothing new
+    assert embedder.inferred == 10
+    assert sorted(outbox(store)) == sorted(("embedding", str(p)) for p in paths)
+    for path in paths:
+        record = store.image(str(path))
+        assert record.status == "done" and (record.width, record.height) == (320, 240)
+        vector, _, _ = store.known(record.sha256, embedder.model_sha256)
+        np.testing.assert_allclose(vector, embedder.embed(path), atol=1e-5)
+
+
+def test_same_bytes_elsewhere_reuse_the_vector(pipeline: Pipeline, store: Store,
+                                               embedder: CountingEmbedder,
+                                               tmp_path: Path) -> None:
+    [original] = photos(tmp_path / "a", 1)
+    copy = tmp_path / "b" / "copy.jpg"
+    copy.parent.mkdir()
+    run(pipeline, original)
+    shutil.copy(original, copy)
+    run(pipeline, copy)
+    assert embedder.inferred == 1
+    assert store.image(str(copy)).sha256 == store.image(str(original)).sha256
+    assert store.image(str(copy)).width == 320
+    assert outbox(store) == [("embedding", str(original)), ("embedding", str(copy))]
+
+
+def test_a_changed_file_is_embedded_again(pipeline: Pipeline, store: Store,
+                                          embedder: CountingEmbedder, tmp_path: Path) -> None:
+    [path] = photos(tmp_path, 1)
+    run(pipeline, path)
+    first = store.image(str(path))
+    synthetic_photo(320, 240, seed=99).save(path, quality=90)
+    run(pipeline, path)
+    second = store.image(str(path))
+    assert embedder.inferred == 2 and first.sha256 != second.sha256
+    assert len(outbox(store)) == 2
+
+
+def test_bad_files_are_recorded_as_failed_and_good_ones_unaffected(
+        pipeline: Pipeline, store: Store, tmp_path: Path) -> None:
+    good = photos(tmp_path, 3)
+    text = tmp_path / "notes.jpg"
+    text.write_text("no picture here")
+    half = tmp_path / "half.jpg"
+    half.write_bytes(good[0].read_bytes()[:3000])
+    run(pipeline, good[0], text, good[1], half, good[2])
+    assert store.image(str(text)).status == "failed"
+    assert "UnidentifiedImageError" in store.image(str(text)).error
+    assert store.image(str(half)).status == "failed"
+    assert ("error", f"{text}|UnidentifiedImageError") in outbox(store)
+    assert ("error", f"{half}|ImageError") in outbox(store)
+    assert all(store.image(str(p)).status == "done" for p in good)
+    assert store.counts() == {"done": 3, "failed": 2, "deleted": 0}
+    assert pipeline.failed == 2 and pipeline.processed == 3
+
+
+def test_stop_finishes_work_in_flight(embedder: CountingEmbedder, store: Store,
+                                      tmp_path: Path) -> None:
+    pipeline = Pipeline(embedder, store, TopicMessages())
+    pipeline.start()
+    paths = photos(tmp_path, 12)
+    for path in paths:
+        pipeline.submit(path, "cam")
+    time.sleep(0.3)
+    assert pipeline.stop(timeout=30)
+    recorded = [p for p in paths if store.image(str(p)) is not None]
+    assert recorded, "something was in flight"
+    assert len(outbox(store)) == len(recorded) == embedder.inferred  # no half-recorded image
