@@ -134,6 +134,7 @@ def test_bad_files_are_recorded_as_failed_and_good_ones_unaffected(
     assert "UnidentifiedImageError" in store.image(str(text)).error
     assert store.image(str(half)).status == "failed"
     assert ("error", f"{text}|UnidentifiedImageError") in outbox(store)
+    assert str(text) in store.image(str(text)).error
     assert ("error", f"{half}|ImageError") in outbox(store)
     assert all(store.image(str(p)).status == "done" for p in good)
     assert store.counts() == {"done": 3, "failed": 2, "deleted": 0}

@@ -5,13 +5,24 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from dinowatch import __version__, models
+from dinowatch.config import (
+    ConfigError,
+    Settings,
+    WatchSettings,
+    config_path,
+    load_settings,
+    settings_warnings,
+)
 from dinowatch.errors import DinowatchError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
@@ -22,6 +33,128 @@ log = logging.getLogger("dinowatch")
 def _fail(message: object) -> int:
     print(f"dinowatch: {message}", file=sys.stderr)
     return EXIT_FAILURE
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """Load the config named by -c (else $DINOWATCH_CONFIG, else /etc/dinowatch/config.yaml)."""
+    settings = load_settings(config_path(args.config))
+    if settings.mqtt is not None:
+        settings.mqtt.password()  # an unreadable password file is a config error, found now
+    return settings
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    path = config_path(args.config)
+    try:
+        settings = _settings(args)
+    except ConfigError as err:
+        print(f"{path}: {len(err.errors)} error(s)", file=sys.stderr)
+        for line in err.errors:
+            print(f"  {line}", file=sys.stderr)
+        return EXIT_CONFIG
+    for warning in settings_warnings(settings):
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"{path}: OK")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from dinowatch.daemon import Daemon
+
+    try:
+        settings = _settings(args)
+    except ConfigError as err:
+        return _config_failure(err)
+    _configure_logging(settings.logging.level if not args.verbose else "DEBUG")
+    for warning in settings_warnings(settings):
+        log.warning("%s", warning)
+    try:
+        return Daemon(settings, config_path(args.config)).run()
+    except (FileNotFoundError, DinowatchError, RuntimeError) as err:
+        log.error("%s", err)
+        return EXIT_FAILURE
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from dinowatch.daemon import build_messages, open_embedder, open_store
+    from dinowatch.pipeline import Pipeline
+    from dinowatch.watch import scan
+
+    try:
+        settings = _settings(args)
+    except ConfigError as err:
+        return _config_failure(err)
+    missing = [str(d) for d in args.dirs if not d.is_dir()]
+    if missing:
+        return _fail(f"not a folder: {', '.join(missing)}")
+    try:
+        embedder = open_embedder(settings)
+    except (FileNotFoundError, DinowatchError, RuntimeError) as err:
+        return _fail(err)
+    store = open_store(settings)
+    pipeline = Pipeline(embedder, store, build_messages(settings, embedder),
+                        normalize=settings.model.normalize)
+    pipeline.start()
+    files = 0
+    for folder in args.dirs:
+        watch = WatchSettings(path=folder.resolve(), source=args.source)
+        for path in scan(watch):
+            pipeline.submit(path, watch.source_name)
+            files += 1
+    with tqdm(total=files, unit="img", disable=None, file=sys.stderr) as progress:
+        while pipeline.queued:
+            progress.n = files - pipeline.queued
+            progress.refresh()
+            time.sleep(0.2)
+        progress.n = files
+    pipeline.stop()
+    outbox = store.outbox_depth()
+    store.close()
+    print(f"{files} files: {pipeline.processed} embedded or already known, "
+          f"{pipeline.failed} failed; {outbox} messages in the outbox for the daemon")
+    return EXIT_FAILURE if pipeline.failed else EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from dinowatch.daemon import DATABASE_NAME, open_store
+
+    try:
+        settings = _settings(args)
+    except ConfigError as err:
+        return _config_failure(err)
+    if not (settings.data_dir / DATABASE_NAME).exists():
+        return _fail(f"no database in {settings.data_dir} yet: has dinowatch run?")
+    store = open_store(settings)
+    daemon_stats = json.loads(store.meta("stats") or "{}")
+    report = {"images": store.counts(), "outbox": store.outbox_depth(),
+              "queue": daemon_stats.get("queue"), "daemon": daemon_stats,
+              "last_errors": store.last_errors()}
+    store.close()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return EXIT_OK
+    images = report["images"]
+    print(f"images: {images['done']} embedded, {images['failed']} failed, "
+          f"{images['deleted']} deleted")
+    print(f"outbox: {report['outbox']} messages waiting for the broker")
+    print(f"queue: {report['queue'] if report['queue'] is not None else 'unknown'} "
+          "(as of the daemon's last stats)")
+    for error in report["last_errors"]:
+        print(f"error: {error['updated_at']} {error['path']}: {error['error']}")
+    return EXIT_OK
+
+
+def _config_failure(err: ConfigError) -> int:
+    for line in err.errors:
+        print(f"dinowatch: {line}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def _configure_logging(level: str) -> None:
+    # Under systemd, journald stamps time and unit itself; elsewhere a timestamp helps.
+    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
+    logging.basicConfig(level=level, format=f"{stamp}%(levelname)s %(name)s: %(message)s",
+                        force=True)
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -81,6 +214,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    config_help = "config file (default $DINOWATCH_CONFIG, else /etc/dinowatch/config.yaml)"
+    run = commands.add_parser("run", help="the daemon (systemd's ExecStart)",
+                              description="Watch, embed, record and publish until stopped.")
+    check = commands.add_parser("check-config", help="validate the config: exit 0, or 78",
+                                description="Validate the configuration; list every error.")
+    index = commands.add_parser("index", help="backfill folders into the store",
+                                description="Embed every image below DIR into the store and "
+                                            "the outbox, with a progress bar.")
+    index.add_argument("dirs", nargs="+", type=Path, metavar="DIR")
+    index.add_argument("--source", help="source name in payloads (default: folder name)")
+    status = commands.add_parser("status", help="counts, queue, outbox, last errors",
+                                 description="What the store and the daemon report.")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    for sub, handler in ((run, cmd_run), (check, cmd_check_config), (index, cmd_index),
+                         (status, cmd_status)):
+        sub.add_argument("-c", "--config", type=Path, help=config_help)
+        sub.set_defaults(handler=handler)
+
     embed = commands.add_parser("embed", help="embed image files, print one JSON line each",
                                 description="Embed image files with the seed's preprocessing.")
     embed.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
@@ -107,8 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    _configure_logging("DEBUG" if args.verbose else "WARNING")
     handler: Callable[[argparse.Namespace], int] = args.handler
     return handler(args)
 

@@ -69,8 +69,10 @@ def decode(path: str | Path, options: ImagingOptions = ImagingOptions(), draft_s
                     rgb = to_rgb(ImageOps.exif_transpose(image))
                 else:
                     rgb = to_rgb(image)
-    except (FileNotFoundError, UnidentifiedImageError, ImageError):
+    except (FileNotFoundError, ImageError):
         raise
+    except UnidentifiedImageError as err:  # PIL names a BytesIO when decoding read bytes
+        raise UnidentifiedImageError(f"cannot identify image file '{path}'") from err
     except Image.DecompressionBombError as err:
         raise ImageTooLarge(f"{path}: {err}") from err
     except IsADirectoryError as err:

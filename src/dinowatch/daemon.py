@@ -1,0 +1,243 @@
+"""`dinowatch run`: wires watch -> pipeline -> store -> publisher, and talks to systemd."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+import numpy as np
+
+from dinowatch import models
+from dinowatch.config import ConfigError, Settings, WatchSettings, load_settings
+from dinowatch.embedder import DinoEmbedder
+from dinowatch.imaging import ImagingOptions
+from dinowatch.mqtt import Publisher, Topics, embedding_message, error_message
+from dinowatch.pipeline import Messages, Pipeline
+from dinowatch.store import ImageRecord, Message, Store
+from dinowatch.watch import FolderWatcher
+
+log = logging.getLogger(__name__)
+
+DATABASE_NAME = "dinowatch.db"
+STATS_INTERVAL_SECONDS = 30.0
+TICK_SECONDS = 0.5
+STOP_TIMEOUT_SECONDS = 8.0  # systemd's TimeoutStopSec is 15; SIGTERM must finish within 10
+
+
+def notify(*fields: str) -> None:
+    """sd_notify: one datagram to $NOTIFY_SOCKET (no-op outside systemd)."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):  # abstract namespace
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto("\n".join(fields).encode(), address)
+    except OSError as err:
+        log.warning("sd_notify to %s failed: %s", os.environ["NOTIFY_SOCKET"], err)
+
+
+def watchdog_interval() -> float | None:
+    """Half of systemd's WatchdogSec, if this process is the one being watched."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and int(pid) != os.getpid()):
+        return None
+    return int(usec) / 2e6
+
+
+def open_store(settings: Settings) -> Store:
+    return Store(settings.data_dir / DATABASE_NAME)
+
+
+def open_embedder(settings: Settings) -> DinoEmbedder:
+    return DinoEmbedder(settings.model.path, model_name=settings.model.name,
+                        backend=settings.backend,
+                        imaging=ImagingOptions(**settings.imaging.model_dump()),
+                        cache_dir=models.model_dir(settings.data_dir))
+
+
+@dataclass
+class MqttMessages(Messages):
+    """Builds the outbox rows for the topics and encoding the settings ask for."""
+
+    settings: Settings
+    embedder: DinoEmbedder
+    topics: Topics = field(init=False)
+
+    def __post_init__(self) -> None:
+        assert self.settings.mqtt is not None
+        self.topics = Topics(self.settings.mqtt.topic_prefix, self.settings.device_id)
+
+    def embedding(self, record: ImageRecord, vector: np.ndarray) -> list[Message]:
+        mqtt = self.settings.mqtt
+        assert mqtt is not None and record.sha256 is not None
+        return [embedding_message(
+            self.topics, device_id=self.settings.device_id, path=record.path,
+            source=record.source, sha256=record.sha256, width=record.width,
+            height=record.height, model_name=self.embedder.model_name,
+            model_sha256=self.embedder.model_sha256, vector=vector,
+            encoding=mqtt.vector_encoding, qos=mqtt.qos)]
+
+    def error(self, path: str | None, error: BaseException) -> list[Message]:
+        mqtt = self.settings.mqtt
+        assert mqtt is not None
+        return [error_message(self.topics, path=path, error=type(error).__name__,
+                              message=str(error), qos=mqtt.qos)]
+
+
+def build_messages(settings: Settings, embedder: DinoEmbedder) -> Messages | None:
+    return MqttMessages(settings, embedder) if settings.mqtt else None
+
+
+class Daemon:
+    """The long-running process. Signal handlers only set flags; the main loop acts."""
+
+    def __init__(self, settings: Settings, config_path: Path) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._watchers: dict[Path, FolderWatcher] = {}
+        self._started = time.monotonic()
+
+    # -- WatchEvents: called on watcher threads; they only hand off -------------------------
+    def file_ready(self, path: Path, watch: WatchSettings) -> None:
+        self.pipeline.submit(path, watch.source_name)
+
+    def file_deleted(self, path: Path, watch: WatchSettings) -> None:
+        self.store.mark_deleted([str(path)])
+
+    def folder_scanned(self, watch: WatchSettings, present: set[Path]) -> None:
+        gone = self.store.live_paths(watch.path) - {str(p) for p in present}
+        if gone:
+            log.info("%d files under %s are gone since the last scan", len(gone), watch.path)
+            self.store.mark_deleted(gone)
+
+    def folder_error(self, watch: WatchSettings, message: str) -> None:
+        if self.messages is not None:
+            self.store.enqueue(self.messages.error(str(watch.path), OSError(message)))
+            self.publisher_wake()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_signal)
+        settings = self.settings
+        self.store = open_store(settings)
+        notify("STATUS=loading model")
+        self.embedder = open_embedder(settings)
+        # One inference now, so a slow first run (graph optimization) happens before READY.
+        self.embedder.infer([np.zeros((3, 224, 224), np.float32)])
+        self.messages = build_messages(settings, self.embedder)
+        self.publisher = (Publisher(settings.mqtt, settings.device_id, self.store)
+                          if settings.mqtt else None)
+        self.pipeline = Pipeline(self.embedder, self.store, self.messages,
+                                 normalize=settings.model.normalize,
+                                 on_recorded=self.publisher_wake)
+        self.pipeline.start()
+        if self.publisher:
+            self.publisher.start()
+        self._apply_watch_list(settings.watch)
+        notify("READY=1", "STATUS=watching")
+        log.info("dinowatch running: %d folders, model %s, device %s", len(settings.watch),
+                 self.embedder.model_path, settings.device_id)
+        self._main_loop()
+        return self._shutdown()
+
+    def publisher_wake(self) -> None:
+        if self.publisher:
+            self.publisher.wake()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        (self._reload if signum == signal.SIGHUP else self._stop).set()
+
+    def _main_loop(self) -> None:
+        ping_every = watchdog_interval()
+        last_ping = last_stats = 0.0
+        while not self._stop.wait(TICK_SECONDS):
+            now = time.monotonic()
+            if self._reload.is_set():
+                self._reload.clear()
+                self._reload_settings()
+            # Ping only while the workers live, so systemd restarts a wedged daemon.
+            if ping_every and now - last_ping >= ping_every and self.pipeline.alive:
+                notify("WATCHDOG=1")
+                last_ping = now
+            if now - last_stats >= STATS_INTERVAL_SECONDS:
+                self._publish_stats()
+                last_stats = now
+
+    def _shutdown(self) -> int:
+        notify("STOPPING=1")
+        log.info("stopping: finishing work in flight")
+        for watcher in self._watchers.values():
+            watcher.stop()
+        if not self.pipeline.stop(STOP_TIMEOUT_SECONDS):
+            log.warning("workers did not finish in %.0f s; the rest is redone at next start",
+                        STOP_TIMEOUT_SECONDS)
+        if self.publisher:
+            self.publisher.stop()
+        self.store.close()
+        self.embedder.close()
+        log.info("stopped")
+        return 0
+
+    def _apply_watch_list(self, watches: list[WatchSettings]) -> None:
+        wanted = {watch.path: watch for watch in watches}
+        for path in list(self._watchers):
+            if path not in wanted or self._watchers[path].watch != wanted[path]:
+                self._watchers.pop(path).stop()
+        for path, watch in wanted.items():
+            if path not in self._watchers:
+                self._watchers[path] = FolderWatcher(watch, self)
+                self._watchers[path].start()
+
+    def _reload_settings(self) -> None:
+        """SIGHUP: new watch list, log level and publishing options; no work is dropped."""
+        now_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        notify("RELOADING=1", f"MONOTONIC_USEC={now_usec}")
+        try:
+            settings = load_settings(self.config_path)
+        except ConfigError as err:
+            log.error("reload refused, keeping the running configuration:\n%s", err)
+            notify("READY=1")
+            return
+        unchanged = ("data_dir", "model", "backend", "imaging", "mqtt", "device_id")
+        for key in unchanged:
+            if getattr(settings, key) != getattr(self.settings, key):
+                log.warning("reload: %s changed; restart dinowatch to apply it", key)
+        logging.getLogger("dinowatch").setLevel(settings.logging.level)
+        self.settings = settings
+        self._apply_watch_list(settings.watch)
+        log.info("configuration reloaded from %s", self.config_path)
+        notify("READY=1", "STATUS=watching")
+
+    def stats(self) -> dict[str, object]:
+        return {
+            "processed": self.pipeline.processed,
+            "failed": self.pipeline.failed,
+            "queue": self.pipeline.queued,
+            "outbox": self.store.outbox_depth(),
+            "images_per_second": round(self.pipeline.rate(), 3),
+            "uptime": round(time.monotonic() - self._started),
+            "connected": bool(self.publisher and self.publisher.connected),
+        }
+
+    def _publish_stats(self) -> None:
+        stats = self.stats()
+        self.store.put_meta("stats", json.dumps(stats))
+        if self.publisher:
+            self.publisher.publish_stats(stats)
+        notify(f"STATUS=processed {stats['processed']}, queue {stats['queue']}, "
+               f"outbox {stats['outbox']}")
