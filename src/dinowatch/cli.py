@@ -58,13 +58,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from dinowatch.daemon import Daemon
 
-    try:
-        settings = _settings(args)
-    except ConfigError as err:
-        return _config_failure(err)
     _configure_logging(settings.logging.level if not args.verbose else "DEBUG")
     for warning in settings_warnings(settings):
         log.warning("%s", warning)
@@ -75,15 +71,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
 
 
-def cmd_index(args: argparse.Namespace) -> int:
+def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
     from dinowatch.daemon import build_messages, open_embedder, open_store
     from dinowatch.pipeline import Pipeline
     from dinowatch.watch import scan
 
-    try:
-        settings = _settings(args)
-    except ConfigError as err:
-        return _config_failure(err)
     missing = [str(d) for d in args.dirs if not d.is_dir()]
     if missing:
         return _fail(f"not a folder: {', '.join(missing)}")
@@ -115,13 +107,9 @@ def cmd_index(args: argparse.Namespace) -> int:
     return EXIT_FAILURE if pipeline.failed else EXIT_OK
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from dinowatch.daemon import DATABASE_NAME, open_store
 
-    try:
-        settings = _settings(args)
-    except ConfigError as err:
-        return _config_failure(err)
     if not (settings.data_dir / DATABASE_NAME).exists():
         return _fail(f"no database in {settings.data_dir} yet: has dinowatch run?")
     store = open_store(settings)
@@ -144,10 +132,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _config_failure(err: ConfigError) -> int:
-    for line in err.errors:
-        print(f"dinowatch: {line}", file=sys.stderr)
-    return EXIT_CONFIG
+def _with_settings(command: Callable[[argparse.Namespace, Settings], int]
+                   ) -> Callable[[argparse.Namespace], int]:
+    """Load the config first; a config error is exit 78 with every error listed."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            settings = _settings(args)
+        except ConfigError as err:
+            for line in err.errors:
+                print(f"dinowatch: {line}", file=sys.stderr)
+            return EXIT_CONFIG
+        return command(args, settings)
+
+    return run
 
 
 def _configure_logging(level: str) -> None:
@@ -227,10 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="counts, queue, outbox, last errors",
                                  description="What the store and the daemon report.")
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    for sub, handler in ((run, cmd_run), (check, cmd_check_config), (index, cmd_index),
-                         (status, cmd_status)):
+    check.set_defaults(handler=cmd_check_config)
+    for sub, handler in ((run, cmd_run), (index, cmd_index), (status, cmd_status)):
+        sub.set_defaults(handler=_with_settings(handler))
+    for sub in (run, check, index, status):
         sub.add_argument("-c", "--config", type=Path, help=config_help)
-        sub.set_defaults(handler=handler)
 
     embed = commands.add_parser("embed", help="embed image files, print one JSON line each",
                                 description="Embed image files with the seed's preprocessing.")

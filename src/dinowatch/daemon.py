@@ -9,14 +9,13 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
 import numpy as np
 
 from dinowatch import models
-from dinowatch.config import ConfigError, Settings, WatchSettings, load_settings
+from dinowatch.config import ConfigError, MqttSettings, Settings, WatchSettings, load_settings
 from dinowatch.embedder import DinoEmbedder
 from dinowatch.imaging import ImagingOptions
 from dinowatch.mqtt import Publisher, Topics, embedding_message, error_message
@@ -66,37 +65,32 @@ def open_embedder(settings: Settings) -> DinoEmbedder:
                         cache_dir=models.model_dir(settings.data_dir))
 
 
-@dataclass
 class MqttMessages(Messages):
     """Builds the outbox rows for the topics and encoding the settings ask for."""
 
-    settings: Settings
-    embedder: DinoEmbedder
-    topics: Topics = field(init=False)
-
-    def __post_init__(self) -> None:
-        assert self.settings.mqtt is not None
-        self.topics = Topics(self.settings.mqtt.topic_prefix, self.settings.device_id)
+    def __init__(self, mqtt: MqttSettings, device_id: str, embedder: DinoEmbedder) -> None:
+        self.mqtt = mqtt
+        self.device_id = device_id
+        self.embedder = embedder
+        self.topics = Topics(mqtt.topic_prefix, device_id)
 
     def embedding(self, record: ImageRecord, vector: np.ndarray) -> list[Message]:
-        mqtt = self.settings.mqtt
-        assert mqtt is not None and record.sha256 is not None
         return [embedding_message(
-            self.topics, device_id=self.settings.device_id, path=record.path,
-            source=record.source, sha256=record.sha256, width=record.width,
-            height=record.height, model_name=self.embedder.model_name,
-            model_sha256=self.embedder.model_sha256, vector=vector,
-            encoding=mqtt.vector_encoding, qos=mqtt.qos)]
+            self.topics, device_id=self.device_id, path=record.path, source=record.source,
+            sha256=record.sha256 or "", width=record.width, height=record.height,
+            model_name=self.embedder.model_name, model_sha256=self.embedder.model_sha256,
+            vector=vector, encoding=self.mqtt.vector_encoding, qos=self.mqtt.qos)]
 
     def error(self, path: str | None, error: BaseException) -> list[Message]:
-        mqtt = self.settings.mqtt
-        assert mqtt is not None
         return [error_message(self.topics, path=path, error=type(error).__name__,
-                              message=str(error), qos=mqtt.qos)]
+                              message=str(error), qos=self.mqtt.qos)]
 
 
 def build_messages(settings: Settings, embedder: DinoEmbedder) -> Messages | None:
-    return MqttMessages(settings, embedder) if settings.mqtt else None
+    """The outbox's payload builders, or None to run without a broker (`mqtt: null`)."""
+    if settings.mqtt is None:
+        return None
+    return MqttMessages(settings.mqtt, settings.device_id, embedder)
 
 
 class Daemon:
@@ -137,8 +131,7 @@ class Daemon:
         self.store = open_store(settings)
         notify("STATUS=loading model")
         self.embedder = open_embedder(settings)
-        # One inference now, so a slow first run (graph optimization) happens before READY.
-        self.embedder.infer([np.zeros((3, 224, 224), np.float32)])
+        self.embedder.warm_up()  # a slow first inference must not count against the watchdog
         self.messages = build_messages(settings, self.embedder)
         self.publisher = (Publisher(settings.mqtt, settings.device_id, self.store)
                           if settings.mqtt else None)

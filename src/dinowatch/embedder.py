@@ -98,6 +98,11 @@ class DinoEmbedder:
         """An already-open PIL image -> (dim,) float32."""
         return self.infer([preprocess(image, self.backend.input_spec)], normalize)[0]
 
+    def warm_up(self) -> None:
+        """One inference on a blank picture: the first run pays for graph preparation."""
+        size = self.backend.input_spec.size
+        self.infer([preprocess(Image.new("RGB", (size, size)), self.backend.input_spec)])
+
     def close(self) -> None:
         self.backend.close()
 
