@@ -106,9 +106,25 @@ def test_fifty_dropped_jpegs_give_exactly_fifty_embeddings(setup, mosquitto, sub
         assert payload["model"]["name"] == "dinov2-vits14" and len(payload["model"]["sha256"]) == 64
     slow = next(p for p in received if p["path"].endswith("slow0.jpg"))
     assert slow["sha256"] == hashlib.sha256(jpeg_bytes(0, staging)).hexdigest()
+    stats = [json.loads(m.payload) for m in subscriber.messages if m.topic == f"{TOPIC}/stats"]
+    assert stats, "retained stats are published as soon as the daemon connects"
+    assert set(stats[0]) >= {"processed", "failed", "queue", "outbox", "images_per_second",
+                             "uptime"}
     late = subscriber_factory(mosquitto, f"{TOPIC}/status")
     late.wait_for(lambda m: any(x.retain for x in m))
     assert [(m.payload, m.retain) for m in late.messages] == [(b"offline", True)]
+
+
+def test_missing_watch_folder_is_reported_on_the_error_topic(setup, mosquitto,
+                                                             subscriber_factory) -> None:
+    subscriber = subscriber_factory(mosquitto, f"{TOPIC}/error")
+    setup.inbox.rmdir()  # an unmounted drive
+    with setup() as daemon:
+        daemon.start()
+        [report] = errors(subscriber.wait_for(lambda m: len(m) >= 1, timeout=30))
+        assert report["path"] == str(setup.inbox)
+        assert "does not exist" in report["message"] or "No such file" in report["message"]
+        assert daemon.stop() == 0
 
 
 def test_broker_outage_loses_nothing(setup, mosquitto, subscriber_factory,
@@ -117,12 +133,13 @@ def test_broker_outage_loses_nothing(setup, mosquitto, subscriber_factory,
     with setup() as daemon:
         daemon.start()
         mosquitto.stop()
+        outage_started = time.monotonic()
         for i in range(30):
             synthetic_photo(320, 240, seed=100 + i).save(setup.inbox / f"outage{i}.jpg")
         wait_until(lambda: len(rows(setup.data, "SELECT 1 FROM images")) == 30, 60,
                    "30 images in the store while the broker is down")
         assert rows(setup.data, "SELECT count(*) FROM outbox") == [(30,)]
-        time.sleep(max(0.0, 20 - 5))  # the broker stays away ~20 s in all
+        time.sleep(max(0.0, 20 - (time.monotonic() - outage_started)))  # a 20 s outage
         mosquitto.start()
         subscriber.wait_for(lambda m: len({json.loads(x.payload)["id"] for x in m}) >= 30,
                             timeout=120)

@@ -158,8 +158,13 @@ class Daemon:
     def _main_loop(self) -> None:
         ping_every = watchdog_interval()
         last_ping = last_stats = 0.0
+        was_connected = False
         while not self._stop.wait(TICK_SECONDS):
             now = time.monotonic()
+            connected = bool(self.publisher and self.publisher.connected)
+            if connected and not was_connected:
+                last_stats = 0.0  # a fresh connection gets the retained stats at once
+            was_connected = connected
             if self._reload.is_set():
                 self._reload.clear()
                 self._reload_settings()
