@@ -294,7 +294,7 @@ class _Document:
             for index, item in enumerate(node.value):
                 self.lines[(*key, index)] = item.start_mark.line + 1
                 self._walk(item, (*key, index))
-        elif node.tag == _STR_TAG and "${" in node.value:
+        elif isinstance(node, yaml.ScalarNode) and node.tag == _STR_TAG and "${" in node.value:
             self._expand(node, key)
 
     def _expand(self, node: yaml.ScalarNode, key: KeyPath) -> None:
@@ -305,7 +305,9 @@ class _Document:
             if value is None and default is None:
                 unset.append(match["name"])
                 return match[0]
-            return value if value or default is None else default
+            if value or default is None:
+                return value or ""
+            return default
 
         node.value = _ENV_REFERENCE.sub(substitute, node.value)
         for name in unset:

@@ -31,6 +31,7 @@ class Prepared:
 def preprocess(image: Image.Image, spec: InputSpec = InputSpec()) -> np.ndarray:
     """The seed's preprocessing: RGB, 224x224 BILINEAR, /255, ImageNet mean/std, CHW."""
     resized = to_rgb(image).resize((spec.size, spec.size), Image.Resampling.BILINEAR)
+    pixels: np.ndarray
     if not spec.normalized_on_host:
         pixels = np.asarray(resized, dtype=np.uint8)  # the device normalizes
     else:

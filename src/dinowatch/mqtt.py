@@ -86,8 +86,9 @@ def _json(payload: dict[str, Any]) -> bytes:
 
 
 def embedding_message(topics: Topics, *, device_id: str, path: str, source: str, sha256: str,
-                      width: int, height: int, model_name: str, model_sha256: str | None,
-                      vector: np.ndarray, encoding: str, qos: int) -> Message:
+                      width: int | None, height: int | None, model_name: str,
+                      model_sha256: str | None, vector: np.ndarray, encoding: str,
+                      qos: int) -> Message:
     values = np.asarray(vector, dtype="<f4").reshape(-1)
     if encoding == "base64":
         encoded: str | list[float] | None = base64.b64encode(values.tobytes()).decode("ascii")

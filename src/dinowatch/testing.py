@@ -15,6 +15,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -70,7 +71,7 @@ class _GraphBuilder:
     def weight(self, hint: str, shape: tuple[int, ...], std: float) -> str:
         return self.const(hint, (self.rng.standard_normal(shape) * std).astype(np.float32))
 
-    def op(self, op_type: str, inputs: list[str], hint: str | None = None, **attrs: object) -> str:
+    def op(self, op_type: str, inputs: list[str], hint: str | None = None, **attrs: Any) -> str:
         from onnx import helper
 
         out = self.name(hint or op_type.lower())
@@ -158,7 +159,7 @@ def build_model(variant: str = "full", *, seed: int = 0, all_tokens: bool = Fals
 
     x = g.layer_norm(x, s.dim, "norm")
     if all_tokens:
-        out_shape: list[object] = ["batch", s.tokens, s.dim]
+        out_shape: list[str | int] = ["batch", s.tokens, s.dim]
     else:
         x = g.op("Gather", [x, g.const("index", np.array(0))], axis=1)  # CLS row
         out_shape = ["batch", s.dim]

@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Literal, Self
+from typing import Final, Literal, Self
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from dinowatch.backends.base import BackendUnavailable, InputSpec
 
-TYPE = "onnx"
+TYPE: Final = "onnx"
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class OnnxBackend:
             raise RuntimeError(f"ONNX Runtime inference failed: {err}") from err
 
     def close(self) -> None:
-        self._session = None  # type: ignore[assignment]
+        self._session = None
 
     def __enter__(self) -> Self:
         return self
