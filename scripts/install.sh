@@ -53,7 +53,6 @@ install_system() {
     say "useradd dinowatch"
     useradd --system --user-group --home-dir "$data" --no-create-home --shell /usr/sbin/nologin dinowatch
   }
-  if getent group video >/dev/null; then usermod -aG video dinowatch; fi
   # The admin who ran sudo may then (after logging in again) drop images into
   # the inbox and read the database.
   if [[ -n ${SUDO_USER:-} && $SUDO_USER != root ]]; then usermod -aG dinowatch "$SUDO_USER"; fi

@@ -89,7 +89,8 @@ def test_npy_raw_and_a_bad_image_among_good_ones(tiny_model: Path, tmp_path: Pat
     np.testing.assert_allclose(array, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("command", [[], ["embed"], ["model"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["check-config"], ["embed"], ["index"],
+                                     ["status"], ["model"]])
 def test_help_everywhere(command: list[str]) -> None:
     result = dinowatch(*command, "--help")
     assert result.returncode == 0

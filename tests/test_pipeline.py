@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -153,3 +154,38 @@ def test_stop_finishes_work_in_flight(embedder: CountingEmbedder, store: Store,
     recorded = [p for p in paths if store.image(str(p)) is not None]
     assert recorded, "something was in flight"
     assert len(outbox(store)) == len(recorded) == embedder.inferred  # no half-recorded image
+
+
+def test_a_path_submitted_again_while_in_flight_is_embedded_once(
+        pipeline: Pipeline, store: Store, embedder: CountingEmbedder, tmp_path: Path) -> None:
+    paths = photos(tmp_path, 4)
+    for _ in range(5):  # a rescan and events racing the first pass
+        for path in paths:
+            pipeline.submit(path, "cam")
+        time.sleep(0.01)
+    run(pipeline)
+    assert embedder.inferred == 4
+    assert sorted(outbox(store)) == sorted(("embedding", str(p)) for p in paths)
+
+
+class FlakyStore(Store):
+    """A real store whose disk 'fills up' for one file."""
+
+    def record(self, image, vector, messages):  # type: ignore[no-untyped-def]
+        if image.path.endswith("img001.jpg"):
+            raise sqlite3.OperationalError("database or disk is full")
+        super().record(image, vector, messages)
+
+
+def test_a_store_failure_costs_one_image_not_the_worker(embedder: CountingEmbedder,
+                                                        tmp_path: Path) -> None:
+    store = FlakyStore(tmp_path / "flaky.db")
+    pipeline = Pipeline(embedder, store, TopicMessages())
+    pipeline.start()
+    paths = photos(tmp_path / "in", 4)
+    run(pipeline, *paths)
+    assert pipeline.alive
+    assert store.image(str(paths[1])) is None  # redone at the next scan
+    assert all(store.image(str(p)).status == "done" for p in paths if p != paths[1])
+    assert pipeline.stop(timeout=10)
+    store.close()

@@ -120,7 +120,8 @@ def test_service_type_watchdog_and_restart_policy(unit: Unit) -> None:
 
 def test_commands(unit: Unit) -> None:
     config = "-c /etc/dinowatch/config.yaml"
-    assert one(unit, "Service", "ExecStartPre") == f"{VENV_DINOWATCH} check-config {config}"
+    # "-": a failing ExecStartPre= would escape RestartPreventExitStatus= (systemd#11868)
+    assert one(unit, "Service", "ExecStartPre") == f"-{VENV_DINOWATCH} check-config {config}"
     assert one(unit, "Service", "ExecStart") == f"{VENV_DINOWATCH} run {config}"
     assert one(unit, "Service", "ExecReload") == "/bin/kill -HUP $MAINPID"
 

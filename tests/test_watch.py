@@ -273,3 +273,21 @@ def test_new_sub_folder_is_watched(tmp_path: Path, run: Callable[..., FolderWatc
     hidden.unlink()
     photo.unlink()
     assert events.wait_for(lambda: events.of("deleted") == [photo])
+
+
+def test_writer_pausing_longer_than_settle_is_reported_only_at_close(
+        tmp_path: Path, run: Callable[..., FolderWatcher]) -> None:
+    events = Recorder()
+    run(settings(tmp_path, settle_seconds=0.3), events)
+    assert events.wait_for(lambda: bool(events.of("scanned")))
+    path = tmp_path / "upload.jpg"
+    with path.open("wb") as handle:
+        handle.write(b"a" * 1000)
+        handle.flush()
+        time.sleep(1.5)  # a stalled upload, five times settle_seconds, file still open
+        assert events.of("ready") == []
+        handle.write(b"b" * 1000)
+    assert events.wait_for(lambda: events.of("ready") == [path])
+    assert path.stat().st_size == 2000
+    time.sleep(GRACE)
+    assert events.of("ready") == [path]

@@ -23,7 +23,7 @@ from dinowatch.config import (
     load_settings,
     settings_warnings,
 )
-from dinowatch.errors import DinowatchError
+from dinowatch.embedder import EMBED_ERRORS
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
 
@@ -66,7 +66,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         log.warning("%s", warning)
     try:
         return Daemon(settings, config_path(args.config)).run()
-    except (FileNotFoundError, DinowatchError, RuntimeError) as err:
+    except EMBED_ERRORS as err:
         log.error("%s", err)
         return EXIT_FAILURE
 
@@ -81,7 +81,7 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
         return _fail(f"not a folder: {', '.join(missing)}")
     try:
         embedder = open_embedder(settings)
-    except (FileNotFoundError, DinowatchError, RuntimeError) as err:
+    except EMBED_ERRORS as err:
         return _fail(err)
     store = open_store(settings)
     pipeline = Pipeline(embedder, store, build_messages(settings, embedder),
@@ -89,7 +89,7 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
     pipeline.start()
     files = 0
     for folder in args.dirs:
-        watch = WatchSettings(path=folder.resolve(), source=args.source)
+        watch = WatchSettings(path=folder.absolute(), source=args.source)
         for path in scan(watch):
             pipeline.submit(path, watch.source_name)
             files += 1
@@ -156,20 +156,19 @@ def _configure_logging(level: str) -> None:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from PIL import UnidentifiedImageError
 
     from dinowatch.embedder import DinoEmbedder
 
     try:
         embedder = DinoEmbedder(args.model, model_name=args.model_name)
-    except (FileNotFoundError, DinowatchError, RuntimeError) as err:
+    except EMBED_ERRORS as err:
         return _fail(err)
     vectors, failed = [], 0
     with embedder:
         for path in args.images:
             try:
                 vector = embedder.embed(path, normalize=not args.raw)
-            except (FileNotFoundError, UnidentifiedImageError, DinowatchError, RuntimeError) as err:
+            except EMBED_ERRORS as err:
                 failed += 1
                 _fail(err)
                 continue
@@ -190,7 +189,7 @@ def cmd_model(args: argparse.Namespace) -> int:
             print(models.fetch(entry, cache_dir, progress=sys.stderr.isatty()))
             return EXIT_OK
         details = models.info(entry, cache_dir)
-    except DinowatchError as err:
+    except EMBED_ERRORS as err:
         return _fail(err)
     if args.action == "info":
         for key, value in details.items():

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dinowatch.backends import BackendConfig, OnnxBackendConfig
 from dinowatch.errors import DinowatchError
+from dinowatch.imaging import DEFAULT_MAX_PIXELS
 
 DEFAULT_CONFIG_PATH = Path("/etc/dinowatch/config.yaml")
 CONFIG_ENV = "DINOWATCH_CONFIG"
@@ -43,11 +44,17 @@ class ModelSettings(Section):
     path: Path | None = Field(default=None, description="Local ONNX file; overrides the registry.")
     normalize: bool = Field(default=True, description="L2-normalize vectors.")
 
+    @field_validator("path")
+    @classmethod
+    def _path_is_file(cls, value: Path | None) -> Path | None:
+        return _existing_file(value)
+
 
 class ImagingSettings(Section):
     exif_transpose: bool = Field(default=True, description="Apply EXIF orientation.")
     fast_jpeg: bool = Field(default=True, description="JPEG draft decoding to >= 2x input size.")
-    max_pixels: int = Field(default=100_000_000, gt=0, description="Larger images are refused.")
+    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, gt=0,
+                            description="Larger images are refused.")
 
 
 class WatchSettings(Section):
@@ -88,6 +95,11 @@ class TlsSettings(Section):
     certfile: Path | None = Field(default=None, description="Client certificate.")
     keyfile: Path | None = Field(default=None, description="Client key.")
     insecure: bool = Field(default=False, description="Skip hostname verification.")
+
+    @field_validator("ca_certs", "certfile", "keyfile")
+    @classmethod
+    def _files_exist(cls, value: Path | None) -> Path | None:
+        return _existing_file(value)
 
 
 class HomeAssistantSettings(Section):
@@ -176,10 +188,28 @@ class Settings(Section):
             raise ValueError("must be non-empty, without '/', '+' or '#' (it is a topic level)")
         return value
 
+    @field_validator("watch")
+    @classmethod
+    def _distinct_folders(cls, watches: list[WatchSettings]) -> list[WatchSettings]:
+        seen: dict[Path, int] = {}
+        for index, watch in enumerate(watches):
+            if watch.path in seen:
+                raise ValueError(f"watch[{index}].path {watch.path} is watched twice "
+                                 f"(also watch[{seen[watch.path]}])")
+            seen[watch.path] = index
+        return watches
+
     @property
     def gallery_dir(self) -> Path:
         """Labelled references: matching.gallery_dir, else data_dir/gallery."""
         return self.matching.gallery_dir or self.data_dir / "gallery"
+
+
+def _existing_file(path: Path | None) -> Path | None:
+    """A file the daemon cannot start without: missing is a config error (exit 78)."""
+    if path is not None and not path.is_file():
+        raise ValueError(f"{path} is not a file")
+    return path
 
 
 def _read_secret(path: Path, key: str) -> str:
@@ -404,25 +434,9 @@ def settings_warnings(settings: Settings) -> list[str]:
             warnings.append(f"{where}.source: '{watch.source_name}' is also the source of "
                             f"watch[{sources[watch.source_name]}]; payloads cannot tell them apart")
         sources.setdefault(watch.source_name, index)
-    if settings.model.path is not None and not settings.model.path.is_file():
-        warnings.append(f"model.path: {settings.model.path} does not exist")
     if settings.mqtt is not None:
-        warnings.extend(_mqtt_warnings(settings.mqtt))
-    return warnings
-
-
-def _mqtt_warnings(mqtt: MqttSettings) -> list[str]:
-    warnings: list[str] = []
-    try:
-        password = mqtt.password()
-    except ConfigError as err:
-        warnings.extend(err.errors)
-        password = None
-    if password is not None and mqtt.username is None:
-        warnings.append("mqtt.username: not set, so the MQTT password found is not used")
-    if mqtt.tls.enabled:
-        for name in ("ca_certs", "certfile", "keyfile"):
-            file = getattr(mqtt.tls, name)
-            if file is not None and not file.is_file():
-                warnings.append(f"mqtt.tls.{name}: {file} does not exist")
+        if settings.mqtt.username is None and settings.mqtt.password() is not None:
+            warnings.append("mqtt.username: not set, so the MQTT password found is not used")
+        if settings.mqtt.homeassistant.enabled:
+            warnings.append("mqtt.homeassistant.enabled: discovery is not in this version yet")
     return warnings

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -28,7 +29,8 @@ log = logging.getLogger(__name__)
 DATABASE_NAME = "dinowatch.db"
 STATS_INTERVAL_SECONDS = 30.0
 TICK_SECONDS = 0.5
-STOP_TIMEOUT_SECONDS = 8.0  # systemd's TimeoutStopSec is 15; SIGTERM must finish within 10
+STOP_SECONDS = 9.0  # SIGTERM to exit, all stages together (systemd's TimeoutStopSec is 15)
+LOAD_SECONDS = 600  # the first start may fetch the model: systemd is asked to wait this long
 
 
 def notify(*fields: str) -> None:
@@ -52,6 +54,17 @@ def watchdog_interval() -> float | None:
     if not usec or (pid and int(pid) != os.getpid()):
         return None
     return int(usec) / 2e6
+
+
+def _is_gone(path: str) -> bool:
+    """True only when the file is certainly missing (not merely unreadable right now)."""
+    try:
+        Path(path).stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def open_store(settings: Settings) -> Store:
@@ -109,13 +122,16 @@ class Daemon:
         self.pipeline.submit(path, watch.source_name)
 
     def file_deleted(self, path: Path, watch: WatchSettings) -> None:
-        self.store.mark_deleted([str(path)])
+        self.store.mark_deleted([str(path)], wait=False)
 
     def folder_scanned(self, watch: WatchSettings, present: set[Path]) -> None:
-        gone = self.store.live_paths(watch.path) - {str(p) for p in present}
+        # Only rows whose files are really gone: the scan skips excluded or unreadable
+        # sub-folders, and files may have arrived since it listed the folder.
+        unseen = self.store.live_paths(watch.path) - {str(p) for p in present}
+        gone = {path for path in unseen if _is_gone(path)}
         if gone:
             log.info("%d files under %s are gone since the last scan", len(gone), watch.path)
-            self.store.mark_deleted(gone)
+            self.store.mark_deleted(gone, wait=False)
 
     def folder_error(self, watch: WatchSettings, message: str) -> None:
         if self.messages is not None:
@@ -129,7 +145,7 @@ class Daemon:
         signal.signal(signal.SIGHUP, self._on_signal)
         settings = self.settings
         self.store = open_store(settings)
-        notify("STATUS=loading model")
+        notify("STATUS=loading model", f"EXTEND_TIMEOUT_USEC={LOAD_SECONDS * 1_000_000}")
         self.embedder = open_embedder(settings)
         self.embedder.warm_up()  # a slow first inference must not count against the watchdog
         self.messages = build_messages(settings, self.embedder)
@@ -145,8 +161,11 @@ class Daemon:
         notify("READY=1", "STATUS=watching")
         log.info("dinowatch running: %d folders, model %s, device %s", len(settings.watch),
                  self.embedder.model_path, settings.device_id)
-        self._main_loop()
-        return self._shutdown()
+        try:
+            self._main_loop()
+        finally:
+            self._shutdown()
+        return 0
 
     def publisher_wake(self) -> None:
         if self.publisher:
@@ -157,39 +176,42 @@ class Daemon:
 
     def _main_loop(self) -> None:
         ping_every = watchdog_interval()
-        last_ping = last_stats = 0.0
+        last_ping = last_stats = -math.inf
         was_connected = False
         while not self._stop.wait(TICK_SECONDS):
             now = time.monotonic()
             connected = bool(self.publisher and self.publisher.connected)
             if connected and not was_connected:
-                last_stats = 0.0  # a fresh connection gets the retained stats at once
+                last_stats = -math.inf  # a fresh connection gets the retained stats at once
             was_connected = connected
             if self._reload.is_set():
                 self._reload.clear()
                 self._reload_settings()
             # Ping only while the workers live, so systemd restarts a wedged daemon.
-            if ping_every and now - last_ping >= ping_every and self.pipeline.alive:
+            if ping_every and now - last_ping >= ping_every and self._healthy():
                 notify("WATCHDOG=1")
                 last_ping = now
             if now - last_stats >= STATS_INTERVAL_SECONDS:
                 self._publish_stats()
                 last_stats = now
 
-    def _shutdown(self) -> int:
+    def _healthy(self) -> bool:
+        return self.pipeline.alive and (self.publisher is None or self.publisher.alive)
+
+    def _shutdown(self) -> None:
+        """Finish work in flight and say goodbye, all within STOP_SECONDS."""
         notify("STOPPING=1")
         log.info("stopping: finishing work in flight")
+        deadline = time.monotonic() + STOP_SECONDS
         for watcher in self._watchers.values():
             watcher.stop()
-        if not self.pipeline.stop(STOP_TIMEOUT_SECONDS):
-            log.warning("workers did not finish in %.0f s; the rest is redone at next start",
-                        STOP_TIMEOUT_SECONDS)
+        if not self.pipeline.stop(max(1.0, deadline - time.monotonic() - 2)):
+            log.warning("workers did not finish in time; the rest is redone at next start")
         if self.publisher:
-            self.publisher.stop()
+            self.publisher.stop(timeout=max(0.5, min(3.0, deadline - time.monotonic())))
         self.store.close()
         self.embedder.close()
         log.info("stopped")
-        return 0
 
     def _apply_watch_list(self, watches: list[WatchSettings]) -> None:
         wanted = {watch.path: watch for watch in watches}
@@ -222,12 +244,13 @@ class Daemon:
         notify("READY=1", "STATUS=watching")
 
     def stats(self) -> dict[str, object]:
+        """The retained `stats` payload (DESIGN's names, `images/s` included)."""
         return {
             "processed": self.pipeline.processed,
             "failed": self.pipeline.failed,
             "queue": self.pipeline.queued,
             "outbox": self.store.outbox_depth(),
-            "images_per_second": round(self.pipeline.rate(), 3),
+            "images/s": round(self.pipeline.rate(), 3),
             "uptime": round(time.monotonic() - self._started),
             "connected": bool(self.publisher and self.publisher.connected),
         }

@@ -9,11 +9,16 @@ from pathlib import Path
 from typing import Self
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from dinowatch import models
 from dinowatch.backends import Backend, BackendConfig, InputSpec, create_backend
+from dinowatch.errors import DinowatchError
 from dinowatch.imaging import ImagingOptions, decode, to_rgb
+
+# What DinoEmbedder raises by contract for a bad model, image or inference (OSError covers
+# FileNotFoundError); anything else is a bug.
+EMBED_ERRORS = (OSError, UnidentifiedImageError, DinowatchError, RuntimeError, ValueError)
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -75,9 +80,9 @@ class DinoEmbedder:
         """The model file's sha256, published with each vector so consumers tell models apart."""
         return self._pinned_sha256 or models.sha256_file(self.model_path)
 
-    def prepare(self, image_path: str | Path, data: bytes | None = None) -> Prepared:
-        """Decode and preprocess one file, or its bytes (the part that runs beside inference)."""
-        decoded = decode(image_path, self.imaging, self.backend.input_spec.size, data)
+    def prepare(self, image_path: str | Path) -> Prepared:
+        """Decode and preprocess one file (the part that runs beside inference)."""
+        decoded = decode(image_path, self.imaging, self.backend.input_spec.size)
         return Prepared(preprocess(decoded.image, self.backend.input_spec),
                         decoded.width, decoded.height)
 

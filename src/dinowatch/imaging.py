@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +42,9 @@ class DecodedImage:
     height: int
 
 
-def decode(path: str | Path, options: ImagingOptions = ImagingOptions(), draft_size: int = 224,
-           data: bytes | None = None) -> DecodedImage:
-    """Open, check and fully decode `path` (or its bytes `data`, already read) into RGB.
+def decode(path: str | Path, options: ImagingOptions = ImagingOptions(), draft_size: int = 224
+           ) -> DecodedImage:
+    """Open, check and fully decode `path` into RGB.
 
     Raises FileNotFoundError, PIL.UnidentifiedImageError (not an image), ImageTooLarge, or
     ImageError (truncated, unreadable, a directory, ...).
@@ -55,7 +54,7 @@ def decode(path: str | Path, options: ImagingOptions = ImagingOptions(), draft_s
         with warnings.catch_warnings():
             # Our own pixel limit below replaces PIL's warning with an error naming the file.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data) if data is not None else path) as image:
+            with Image.open(path) as image:
                 width, height = image.size
                 if width * height > options.max_pixels:
                     raise ImageTooLarge(f"{path}: {width}x{height} is over the limit of "
@@ -69,10 +68,8 @@ def decode(path: str | Path, options: ImagingOptions = ImagingOptions(), draft_s
                     rgb = to_rgb(ImageOps.exif_transpose(image))
                 else:
                     rgb = to_rgb(image)
-    except (FileNotFoundError, ImageError):
+    except (FileNotFoundError, UnidentifiedImageError, ImageError):
         raise
-    except UnidentifiedImageError as err:  # PIL names a BytesIO when decoding read bytes
-        raise UnidentifiedImageError(f"cannot identify image file '{path}'") from err
     except Image.DecompressionBombError as err:
         raise ImageTooLarge(f"{path}: {err}") from err
     except IsADirectoryError as err:

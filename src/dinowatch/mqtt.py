@@ -189,6 +189,11 @@ class Publisher:
     def last_error(self) -> str | None:
         return self._last_error
 
+    @property
+    def alive(self) -> bool:
+        """The drain thread runs (systemd's watchdog depends on it)."""
+        return self._drainer is not None and self._drainer.is_alive()
+
     def start(self) -> None:
         """Connect in the background; returns at once, paho reconnects forever with backoff."""
         self._client.connect_async(self.settings.host, self.settings.port,
@@ -269,8 +274,13 @@ class Publisher:
     def _drain(self) -> None:
         more = False
         while not self._stop.is_set():
-            self._handle_events(0 if more else IDLE_POLL_SECONDS)
-            more = self._connected and not self._stop.is_set() and self._send()
+            try:
+                self._handle_events(0 if more else IDLE_POLL_SECONDS)
+                more = self._connected and not self._stop.is_set() and self._send()
+            except Exception:  # e.g. the database locked for long: try again, never die
+                log.exception("outbox drain failed; retrying")
+                more = False
+                self._stop.wait(IDLE_POLL_SECONDS)
 
     def _handle_events(self, timeout: float) -> None:
         try:
@@ -286,8 +296,9 @@ class Publisher:
             seq = self._inflight.pop(mid, None)
             if seq is None:  # status, stats or an already settled mid
                 return
-            if failure:  # the broker answered; re-sending would not help
-                log.warning("broker refused outbox message %d: %s; dropping it", seq, failure)
+            if failure:  # kept: re-sent after the next reconnect, e.g. once an ACL is fixed
+                log.warning("broker refused outbox message %d: %s; keeping it", seq, failure)
+                return
             self._store.ack(seq)
         elif kind == _CONNECTED and not self._inflight:
             # paho keeps unacknowledged QoS>0 messages across reconnects and re-sends them,

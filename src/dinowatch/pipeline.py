@@ -19,10 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import UnidentifiedImageError
 
-from dinowatch.embedder import DinoEmbedder, Prepared
-from dinowatch.errors import DinowatchError
+from dinowatch.embedder import EMBED_ERRORS, DinoEmbedder, Prepared
 from dinowatch.store import ImageRecord, Message, Store
 
 log = logging.getLogger(__name__)
@@ -32,8 +30,6 @@ BATCH_SIZE = 4  # images per inference call; larger batches gain little on 4 cor
 PREPARED_QUEUE = 8  # decoded tensors waiting for inference (600 KB each)
 RATE_WINDOW_SECONDS = 60.0
 
-# The errors one bad image can raise; anything else is a bug and is logged with a traceback.
-IMAGE_ERRORS = (OSError, UnidentifiedImageError, DinowatchError, RuntimeError, ValueError)
 
 
 @dataclass(frozen=True)
@@ -100,10 +96,6 @@ class WorkQueue:
             self._closed = True
             self._changed.notify_all()
 
-    def __len__(self) -> int:
-        with self._changed:
-            return len(self._waiting) + len(self._active)
-
 
 class Pipeline:
     """Embeds every submitted file once and records it; see the module docstring."""
@@ -150,7 +142,10 @@ class Pipeline:
         self.work.close()
         for thread in self._decoders:
             thread.join(max(0.0, deadline - time.monotonic()))
-        self._prepared.put(None)
+        try:
+            self._prepared.put(None, timeout=max(0.01, deadline - time.monotonic()))
+        except queue.Full:  # inference is stuck; the threads are daemons and die with us
+            return False
         self._inference.join(max(0.0, deadline - time.monotonic()))
         return not any(t.is_alive() for t in [*self._decoders, self._inference])
 
@@ -164,7 +159,9 @@ class Pipeline:
         with self._lock:
             return self._submitted - self._finished
 
-    def _finish(self) -> None:
+    def _complete(self, job: Job) -> None:
+        """`job` is recorded (or skipped): its path may be worked on again."""
+        self.work.done(job)
         with self._lock:
             self._finished += 1
 
@@ -181,13 +178,12 @@ class Pipeline:
             try:
                 decoded = self._decode(job)
                 if decoded is not None:
-                    self._prepared.put(decoded)
+                    self._prepared.put(decoded)  # inference completes the job
             except Exception:
                 log.exception("unexpected error on %s", job.path)
             finally:
-                self.work.done(job)
                 if decoded is None:  # skipped, recorded without inference, or failed
-                    self._finish()
+                    self._complete(job)
 
     def _decode(self, job: Job) -> Decoded | None:
         """Skip what the store already has; record what needs no inference; else decode."""
@@ -198,20 +194,20 @@ class Pipeline:
             log.debug("%s vanished before it was read", path)
             return None
         except OSError as err:
-            self._record_failure(job, None, err)
+            self._record_failure(job, None, err)  # no stat: retried at the next scan
             return None
         known = self.store.image(path)
         if known and known.status != "deleted" and known.model == self.model_key and \
                 (known.size, known.mtime_ns) == (stat.st_size, stat.st_mtime_ns):
             return None  # this version of the file is already recorded (done or failed)
         try:
-            data = job.path.read_bytes()
+            with job.path.open("rb") as file:  # streamed: a huge file never sits in memory
+                sha256 = hashlib.file_digest(file, "sha256").hexdigest()
         except FileNotFoundError:
             return None
-        except OSError as err:
-            self._record_failure(job, stat, err)
+        except OSError as err:  # e.g. permissions: may be fixed without touching the file
+            self._record_failure(job, None, err)
             return None
-        sha256 = hashlib.sha256(data).hexdigest()
         twin = self.store.known(sha256, self.model_key)
         if twin is not None:  # the same bytes were embedded before: reuse, no inference
             vector, width, height = twin
@@ -219,14 +215,15 @@ class Pipeline:
             self._record_success(job, stat, sha256, width, height, vector, publish=resend)
             return None
         try:
-            prepared = self.embedder.prepare(job.path, data)
-        except IMAGE_ERRORS as err:
+            prepared = self.embedder.prepare(job.path)
+        except EMBED_ERRORS as err:
             self._record_failure(job, stat, err, sha256)
             return None
         return Decoded(job, stat, sha256, prepared)
 
     # -- embed ----------------------------------------------------------------------------
     def _infer_loop(self) -> None:
+        # This thread must outlive any one batch: systemd's watchdog watches it.
         while (first := self._prepared.get()) is not None:
             batch = [first]
             stop_after = False
@@ -239,24 +236,32 @@ class Pipeline:
                     stop_after = True
                     break
                 batch.append(item)
-            self._embed(batch)
+            try:
+                self._embed(batch)
+            except Exception:
+                log.exception("unexpected error embedding a batch of %d", len(batch))
             if stop_after:
                 return
 
     def _embed(self, batch: list[Decoded]) -> None:
         try:
-            vectors = self.embedder.infer([item.prepared.tensor for item in batch],
-                                          self.normalize)
+            vectors: list[np.ndarray | None] = list(self.embedder.infer(
+                [item.prepared.tensor for item in batch], self.normalize))
+            failure: Exception | None = None
         except RuntimeError as err:
             log.error("inference failed for a batch of %d: %s", len(batch), err)
-            for item in batch:
-                self._record_failure(item.job, item.stat, err, item.sha256)
-                self._finish()
-            return
+            vectors, failure = [None] * len(batch), err
         for item, vector in zip(batch, vectors, strict=True):
-            self._record_success(item.job, item.stat, item.sha256, item.prepared.width,
-                                 item.prepared.height, vector, new_vector=True)
-            self._finish()
+            try:
+                if vector is None:  # no stat: the next scan retries it
+                    self._record_failure(item.job, None, failure or RuntimeError(), item.sha256)
+                else:
+                    self._record_success(item.job, item.stat, item.sha256, item.prepared.width,
+                                         item.prepared.height, vector, new_vector=True)
+            except Exception:  # e.g. disk full: the file is redone at the next scan
+                log.exception("cannot record %s", item.job.path)
+            finally:
+                self._complete(item.job)
 
     # -- record ---------------------------------------------------------------------------
     def _record_success(self, job: Job, stat: os.stat_result, sha256: str, width: int | None,

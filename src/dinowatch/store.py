@@ -153,9 +153,14 @@ class Store:
         connection.close()
 
     def _write(self, work: Callable[[sqlite3.Connection], T], wait: bool = True) -> T | None:
+        if not self._writer.is_alive():
+            raise StoreError(f"{self.path} is closed")
         future: Future[T] = Future()
         self._jobs.put((work, future))
-        return future.result() if wait else None
+        if wait:
+            return future.result()
+        future.add_done_callback(_log_failure)
+        return None
 
     @property
     def _reader(self) -> sqlite3.Connection:
@@ -194,8 +199,8 @@ class Store:
         messages = list(messages)
         self._write(lambda db: _insert_messages(db, messages))
 
-    def mark_deleted(self, paths: Iterable[str]) -> int:
-        """Mark images whose files are gone; returns how many rows changed."""
+    def mark_deleted(self, paths: Iterable[str], wait: bool = True) -> int:
+        """Mark images whose files are gone; returns how many rows changed (0 if not waiting)."""
         paths = list(paths)
 
         def work(db: sqlite3.Connection) -> int:
@@ -204,7 +209,7 @@ class Store:
                                   "WHERE path = ? AND status != 'deleted'", (now, p)).rowcount
                        for p in paths)
 
-        return self._write(work) or 0
+        return self._write(work, wait) or 0
 
     def ack(self, seq: int) -> None:
         """The broker has the message: drop it from the outbox (does not wait).
@@ -238,7 +243,8 @@ class Store:
         """The stored vector (and picture size) for these bytes under this model, if any."""
         row = self._reader.execute(
             "SELECT v.vector, i.width, i.height FROM vectors v LEFT JOIN images i "
-            "ON i.sha256 = v.sha256 AND i.model = v.model WHERE v.sha256 = ? AND v.model = ? "
+            "ON i.sha256 = v.sha256 AND i.model = v.model AND i.status = 'done' "
+            "WHERE v.sha256 = ? AND v.model = ? "
             "LIMIT 1", (sha256, model)).fetchone()
         if row is None:
             return None
@@ -275,6 +281,11 @@ class Store:
     def meta(self, key: str) -> str | None:
         row = self._reader.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
+
+
+def _log_failure(future: Future) -> None:
+    if future.exception() is not None:
+        log.error("database write failed: %s", future.exception())
 
 
 def _insert_messages(db: sqlite3.Connection, messages: list[Message]) -> None:

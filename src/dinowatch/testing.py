@@ -21,7 +21,6 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 OPSET = 17  # LayerNormalization arrived in opset 17
-QKV_GAIN = 2.5
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 CHECK_INTERVAL = 5.0  # seconds between folder health checks (exists, same inode, observer alive)
 SETTLE_TICK = 0.25  # longest pause between looks at pending files (shorter for small settles)
 MIN_SETTLE_TICK = 0.02
+INOTIFY_QUIET_SECONDS = 60.0  # settle fallback when inotify saw no close (e.g. mmap writers)
 POLL_INTERVAL = 1.0  # PollingObserver: seconds between directory snapshots
 JOIN_TIMEOUT = 10.0  # stop() gives up waiting (and logs) after this; threads are daemons
 REPORTED_MAX = 4096  # recent reports remembered so one write is never reported twice
@@ -129,6 +130,7 @@ def _signature(st: os.stat_result) -> Signature:
 class _Pending:
     signature: Signature | None  # None: not looked at yet
     since: float  # monotonic time the signature last changed
+    quiet: float  # seconds unchanged that make it complete
 
 
 class _Handler(FileSystemEventHandler):
@@ -154,6 +156,10 @@ class FolderWatcher:
         self._events = events
         self._check_interval = check_interval
         self._tick = max(MIN_SETTLE_TICK, min(SETTLE_TICK, watch.settle_seconds / 4))
+        # inotify reports the writer's close, so for files being written quiet is only a
+        # fallback there (a slow upload may pause longer than settle_seconds, still open).
+        self._event_quiet = (watch.settle_seconds if watch.polling
+                             else max(watch.settle_seconds, INOTIFY_QUIET_SECONDS))
         self._lock = threading.Lock()  # guards _pending and _reported (observer vs own thread)
         self._pending: dict[Path, _Pending] = {}
         self._reported: OrderedDict[Path, Signature] = OrderedDict()
@@ -301,7 +307,8 @@ class FolderWatcher:
                     if path in self._pending:
                         continue  # being written: reported when complete
                     if fresh:
-                        self._pending[path] = _Pending(None, time.monotonic())
+                        self._pending[path] = _Pending(None, time.monotonic(),
+                                                       self.watch.settle_seconds)
                         continue
                 self._emit_ready(path, _signature(st), force=True)
         except OSError as err:
@@ -337,7 +344,7 @@ class FolderWatcher:
                 if signature != entry.signature:
                     entry.signature, entry.since = signature, now
                     continue
-                if now - entry.since < self.watch.settle_seconds:
+                if now - entry.since < entry.quiet or signature[1] == 0:  # empty: not yet
                     continue
             self._emit_ready(path, signature)
 
@@ -372,8 +379,13 @@ class FolderWatcher:
         elif isinstance(event, FileDeletedEvent):
             self._deleted(src)
         elif isinstance(event, FileCreatedEvent | FileModifiedEvent):
+            # A file found in a just-created folder arrives as "created" only (its close
+            # came before the folder was watched): settle it. A write in progress is
+            # "modified": under inotify its close will come, so quiet is only a fallback.
+            quiet = (self.watch.settle_seconds if isinstance(event, FileCreatedEvent)
+                     else self._event_quiet)
             with self._lock:
-                self._pending[src] = _Pending(None, time.monotonic())
+                self._pending[src] = _Pending(None, time.monotonic(), quiet)
 
     def _emit_ready(
         self, path: Path, signature: Signature | None = None, *, force: bool = False

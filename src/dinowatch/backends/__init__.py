@@ -6,6 +6,7 @@ and a type checker sees every backend.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from dinowatch.backends.base import Backend, BackendUnavailable, InputSpec
@@ -14,7 +15,9 @@ from dinowatch.backends.onnx import OnnxBackend, OnnxBackendConfig
 # One member today; the Hailo issue turns this into Annotated[A | B, Field(discriminator="type")].
 BackendConfig = OnnxBackendConfig
 
-BACKENDS: dict[str, type[OnnxBackend]] = {OnnxBackend.type_key: OnnxBackend}
+BACKENDS: dict[str, Callable[[Path, BackendConfig], Backend]] = {
+    OnnxBackend.type_key: OnnxBackend,
+}
 
 
 def create_backend(model_path: Path, config: BackendConfig | None = None) -> Backend:
