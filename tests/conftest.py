@@ -1,12 +1,40 @@
-"""Shared fixtures: seeded DINOv2-architecture models (built once per session) and images."""
+"""Shared fixtures: seeded models (built once per session), images, a real Mosquitto."""
 
 from __future__ import annotations
 
+import getpass
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from dinowatch.testing import synthetic_photo, write_model
+
+MEASUREMENTS: list[str] = []
+
+
+@pytest.fixture
+def report() -> Callable[[str], None]:
+    """`report(line)`: a measurement shown in the test run's summary (e.g. seed parity)."""
+    return MEASUREMENTS.append
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if MEASUREMENTS:
+        terminalreporter.section("dinowatch measurements")
+        for line in MEASUREMENTS:
+            terminalreporter.line(line)
 
 
 @pytest.fixture(scope="session")
@@ -40,21 +68,6 @@ def photo(tmp_path: Path) -> Path:
 
 
 # ---- a real Mosquitto broker --------------------------------------------------------------
-
-import getpass  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-import uuid  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Any, NamedTuple  # noqa: E402
-
-import paho.mqtt.client as paho  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
 BROKER_START_SECONDS = 10.0
 

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +48,8 @@ def seed_reference(model: Path, image_path: Path) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_embed_camera_jpeg_with_full_model_matches_the_seed(full_model: Path,
-                                                            camera_jpeg: Path) -> None:
+def test_embed_camera_jpeg_with_full_model_matches_the_seed(full_model: Path, camera_jpeg: Path,
+                                                            report: Callable) -> None:
     result = dinowatch("embed", camera_jpeg, "--model", full_model)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.decode().splitlines()
@@ -59,17 +60,18 @@ def test_embed_camera_jpeg_with_full_model_matches_the_seed(full_model: Path,
     assert vector.shape == (384,)
     assert abs(np.linalg.norm(vector) - 1) <= 1e-5
     cosine = float(vector @ seed_reference(full_model, camera_jpeg))
-    print(f"seed parity (fast_jpeg off): cosine {cosine:.7f}")
+    report(f"seed parity, 4056x3040 JPEG, full model, fast_jpeg off: cosine {cosine:.7f}")
     assert cosine >= 0.99999
 
 
 @pytest.mark.slow
-def test_fast_jpeg_fidelity_is_reported(full_model: Path, camera_jpeg: Path) -> None:
+def test_fast_jpeg_fidelity_is_reported(full_model: Path, camera_jpeg: Path,
+                                        report: Callable) -> None:
     exact = DinoEmbedder(full_model).embed(camera_jpeg)
     fast = DinoEmbedder(full_model, imaging=ImagingOptions(fast_jpeg=True)).embed(camera_jpeg)
     cosine = float(exact @ fast)
-    print(f"fast_jpeg fidelity on a 4056x3040 JPEG, full model: cosine {cosine:.5f} to the "
-          "exact decode")
+    report(f"fast_jpeg fidelity, 4056x3040 JPEG, full model: cosine {cosine:.6f} to the "
+           "exact decode")
     assert cosine > 0.99
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,8 @@ def test_dynamic_batch_and_output_shapes(tiny_model: Path, tiny_all_tokens_model
 @pytest.mark.parametrize(("variant", "max_cosine"), [("tiny", 0.99), ("full", 0.96)])
 def test_different_images_give_clearly_different_embeddings(variant: str, max_cosine: float,
                                                             full_model: Path,
-                                                            tiny_model: Path) -> None:
+                                                            tiny_model: Path,
+                                                            report: Callable) -> None:
     rng = np.random.default_rng(7)
     coarse = rng.standard_normal((6, 3, 8, 8)).astype(np.float32)
     images = np.kron(coarse, np.ones((28, 28), np.float32))  # six blocky 224x224 "scenes"
@@ -66,8 +68,8 @@ def test_different_images_give_clearly_different_embeddings(variant: str, max_co
     clean /= np.linalg.norm(clean, axis=1, keepdims=True)
     noisy /= np.linalg.norm(noisy, axis=1, keepdims=True)
     cosines = (clean @ clean.T)[~np.eye(6, dtype=bool)]
-    print(f"{variant}: cosine between different images mean {cosines.mean():.3f} "
-          f"max {cosines.max():.3f}; same image + noise {np.sum(clean * noisy, 1).min():.4f}")
+    report(f"stand-in {variant} model: cosine between different images mean {cosines.mean():.3f} "
+           f"max {cosines.max():.3f}; same image + noise {np.sum(clean * noisy, 1).min():.4f}")
     assert cosines.max() < max_cosine  # not collapsed onto one direction
     assert cosines.mean() < max_cosine - 0.03
     assert np.sum(clean * noisy, axis=1).min() > 0.96  # yet stable under pixel noise
