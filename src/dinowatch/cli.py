@@ -102,7 +102,8 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
     pipeline.stop()
     outbox = store.outbox_depth()
     store.close()
-    print(f"{files} files: {pipeline.processed} embedded or already known, "
+    known = files - pipeline.processed - pipeline.failed
+    print(f"{files} files: {pipeline.processed} recorded, {known} already in the store, "
           f"{pipeline.failed} failed; {outbox} messages in the outbox for the daemon")
     return EXIT_FAILURE if pipeline.failed else EXIT_OK
 

@@ -224,7 +224,7 @@ class Daemon:
                 self._watchers[path].start()
 
     def _reload_settings(self) -> None:
-        """SIGHUP: new watch list, log level and publishing options; no work is dropped."""
+        """SIGHUP: new watch list and log level; no work is dropped."""
         now_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         notify("RELOADING=1", f"MONOTONIC_USEC={now_usec}")
         try:
@@ -233,8 +233,8 @@ class Daemon:
             log.error("reload refused, keeping the running configuration:\n%s", err)
             notify("READY=1")
             return
-        unchanged = ("data_dir", "model", "backend", "imaging", "mqtt", "device_id")
-        for key in unchanged:
+        restart_only = ("data_dir", "model", "backend", "imaging", "mqtt", "device_id")
+        for key in restart_only:
             if getattr(settings, key) != getattr(self.settings, key):
                 log.warning("reload: %s changed; restart dinowatch to apply it", key)
         logging.getLogger("dinowatch").setLevel(settings.logging.level)
