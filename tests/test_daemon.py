@@ -145,9 +145,11 @@ def test_index_backfills_store_and_outbox_and_status_reports_it(tmp_path: Path,
 
     first = dinowatch("index", str(photos))
     assert first.returncode == 1  # one file failed
-    assert "7 files: 6 recorded, 0 already in the store, 1 failed; 7 messages" in first.stdout
+    assert ("7 files: 6 recorded, 0 already in the store, 1 failed, 0 deleted meanwhile; "
+            "7 messages") in first.stdout
     again = dinowatch("index", str(photos))
-    assert "7 files: 0 recorded, 7 already in the store, 0 failed; 7 messages" in again.stdout
+    assert ("7 files: 0 recorded, 7 already in the store, 0 failed, 0 deleted meanwhile; "
+            "7 messages") in again.stdout
     status = dinowatch("status", "--json")
     assert status.returncode == 0
     report = json.loads(status.stdout)

@@ -24,8 +24,11 @@ class TopicMessages(Messages):
     def embedding(self, record: ImageRecord, vector: np.ndarray) -> list[Message]:
         return [Message("embedding", record.path.encode())]
 
-    def error(self, path: str | None, error: BaseException) -> list[Message]:
-        return [Message("error", f"{path}|{type(error).__name__}".encode())]
+    def deleted(self, record: ImageRecord) -> list[Message]:
+        return [Message("deleted", record.path.encode())]
+
+    def error(self, path: str | None, kind: str, message: str) -> list[Message]:
+        return [Message("error", f"{path}|{kind}".encode())]
 
 
 class CountingEmbedder(DinoEmbedder):
@@ -120,7 +123,9 @@ def test_a_changed_file_is_embedded_again(pipeline: Pipeline, store: Store,
     run(pipeline, path)
     second = store.image(str(path))
     assert embedder.inferred == 2 and first.sha256 != second.sha256
-    assert len(outbox(store)) == 2
+    # A consumer's mirror drops the old picture's id, then adds the new one.
+    assert outbox(store) == [("embedding", str(path)), ("deleted", str(path)),
+                             ("embedding", str(path))]
 
 
 def test_bad_files_are_recorded_as_failed_and_good_ones_unaffected(

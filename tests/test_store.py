@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -86,7 +87,19 @@ def test_live_paths_deletion_and_counts(store: Store) -> None:
     store.record(_record("/camera2/c.jpg"), None, [])  # a sibling folder with the same prefix
     store.record(_record("/cam/bad.jpg", status="failed"), None, [])
     assert store.live_paths(Path("/cam")) == {"/cam/a.jpg", "/cam/sub/b.jpg", "/cam/bad.jpg"}
-    assert store.mark_deleted(["/cam/a.jpg", "/cam/missing.jpg"]) == 1
-    assert store.mark_deleted(["/cam/a.jpg"]) == 0
+    store.record(_record("/cam/a.jpg", status="deleted"), None, [])
     assert store.live_paths(Path("/cam")) == {"/cam/sub/b.jpg", "/cam/bad.jpg"}
     assert store.counts() == {"done": 2, "failed": 1, "deleted": 1}
+
+
+def test_names_that_are_not_utf8_are_keyed_losslessly(store: Store) -> None:
+    latin1 = os.fsdecode(b"/cam/caf\xe9.jpg")  # what os.listdir gives for Latin-1 bytes
+    utf8 = "/cam/caf\u00e9.jpg"  # the same word in UTF-8: a different file
+    store.record(_record(latin1, sha256="01" * 32), None, [])
+    store.record(_record(utf8, sha256="02" * 32), None, [])
+    assert store.image(latin1).sha256 == "01" * 32
+    assert store.image(utf8).sha256 == "02" * 32
+    assert store.live_paths(Path("/cam")) == {latin1, utf8}
+    with sqlite3.connect(store.path) as db:  # readable names stay TEXT, the others are BLOBs
+        keys = {row[0] for row in db.execute("SELECT path FROM images")}
+    assert keys == {b"/cam/caf\xe9.jpg", utf8}

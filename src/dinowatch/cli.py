@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from dinowatch.config import (
     settings_warnings,
 )
 from dinowatch.embedder import EMBED_ERRORS
+from dinowatch.errors import readable
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
 
@@ -73,7 +75,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
     from dinowatch.daemon import build_messages, open_embedder, open_store
-    from dinowatch.pipeline import Pipeline
+    from dinowatch.pipeline import DELETED, FAILED, RECORDED, UNCHANGED, Pipeline
     from dinowatch.watch import scan
 
     missing = [str(d) for d in args.dirs if not d.is_dir()]
@@ -85,7 +87,8 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
         return _fail(err)
     store = open_store(settings)
     pipeline = Pipeline(embedder, store, build_messages(settings, embedder),
-                        normalize=settings.model.normalize)
+                        normalize=settings.model.normalize,
+                        on_disk_full=_report_disk_full)
     pipeline.start()
     files = 0
     for folder in args.dirs:
@@ -102,22 +105,33 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
     pipeline.stop()
     outbox = store.outbox_depth()
     store.close()
-    known = files - pipeline.processed - pipeline.failed
-    print(f"{files} files: {pipeline.processed} recorded, {known} already in the store, "
-          f"{pipeline.failed} failed; {outbox} messages in the outbox for the daemon")
-    return EXIT_FAILURE if pipeline.failed else EXIT_OK
+    done = pipeline.outcomes
+    print(f"{files} files: {done[RECORDED]} recorded, {done[UNCHANGED]} already in the store, "
+          f"{done[FAILED]} failed, {done[DELETED]} deleted meanwhile; {outbox} messages in "
+          "the outbox for the daemon")
+    return EXIT_FAILURE if done[FAILED] else EXIT_OK
+
+
+def _report_disk_full(message: str | None) -> None:
+    if message is not None:
+        _fail(message)
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from dinowatch.daemon import DATABASE_NAME, open_store
+    from dinowatch.store import RESUME_FREE_BYTES
 
     if not (settings.data_dir / DATABASE_NAME).exists():
         return _fail(f"no database in {settings.data_dir} yet: has dinowatch run?")
     store = open_store(settings)
     daemon_stats = json.loads(store.meta("stats") or "{}")
+    free = shutil.disk_usage(settings.data_dir).free
     report = {"images": store.counts(), "outbox": store.outbox_depth(),
               "queue": daemon_stats.get("queue"), "daemon": daemon_stats,
-              "last_errors": store.last_errors()}
+              # The daemon cannot record a full disk in the database that is on it: look.
+              "disk": {"free_bytes": free, "full": free < RESUME_FREE_BYTES},
+              "last_errors": [error | {"path": readable(error["path"])}
+                              for error in store.last_errors()]}
     store.close()
     if args.json:
         print(json.dumps(report, indent=2))
@@ -126,6 +140,9 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     print(f"images: {images['done']} embedded, {images['failed']} failed, "
           f"{images['deleted']} deleted")
     print(f"outbox: {report['outbox']} messages waiting for the broker")
+    if report["disk"]["full"]:
+        print(f"DISK FULL: {settings.data_dir} has {free:,} bytes free; intake is paused "
+              "until there is room again")
     print(f"queue: {report['queue'] if report['queue'] is not None else 'unknown'} "
           "(as of the daemon's last stats)")
     for error in report["last_errors"]:

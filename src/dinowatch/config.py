@@ -68,6 +68,8 @@ class WatchSettings(Section):
     polling: bool = Field(default=False, description="Poll instead of inotify (SMB/NFS).")
     settle_seconds: float = Field(default=2.0, ge=0, le=3600,
                                   description="Size and mtime unchanged this long = complete.")
+    rescan_minutes: float = Field(default=60, ge=0, le=10080,
+                                  description="Periodic reconciliation scan; 0 = off.")
 
     @property
     def source_name(self) -> str:

@@ -19,8 +19,14 @@ from dinowatch import models
 from dinowatch.config import ConfigError, MqttSettings, Settings, WatchSettings, load_settings
 from dinowatch.embedder import DinoEmbedder
 from dinowatch.imaging import ImagingOptions
-from dinowatch.mqtt import Publisher, Topics, embedding_message, error_message
-from dinowatch.pipeline import Messages, Pipeline
+from dinowatch.mqtt import (
+    Publisher,
+    Topics,
+    deleted_message,
+    embedding_message,
+    error_message,
+)
+from dinowatch.pipeline import DELETED, Messages, Pipeline
 from dinowatch.store import ImageRecord, Message, Store
 from dinowatch.watch import FolderWatcher
 
@@ -56,17 +62,6 @@ def watchdog_interval() -> float | None:
     return int(usec) / 2e6
 
 
-def _is_gone(path: str) -> bool:
-    """True only when the file is certainly missing (not merely unreadable right now)."""
-    try:
-        Path(path).stat()
-    except (FileNotFoundError, NotADirectoryError):
-        return True
-    except OSError:
-        return False
-    return False
-
-
 def open_store(settings: Settings) -> Store:
     return Store(settings.data_dir / DATABASE_NAME)
 
@@ -94,9 +89,14 @@ class MqttMessages(Messages):
             model_name=self.embedder.model_name, model_sha256=self.embedder.model_sha256,
             vector=vector, encoding=self.mqtt.vector_encoding, qos=self.mqtt.qos)]
 
-    def error(self, path: str | None, error: BaseException) -> list[Message]:
-        return [error_message(self.topics, path=path, error=type(error).__name__,
-                              message=str(error), qos=self.mqtt.qos)]
+    def deleted(self, record: ImageRecord) -> list[Message]:
+        return [deleted_message(self.topics, device_id=self.device_id, path=record.path,
+                                source=record.source, sha256=record.sha256 or "",
+                                qos=self.mqtt.qos)]
+
+    def error(self, path: str | None, kind: str, message: str) -> list[Message]:
+        return [error_message(self.topics, path=path, error=kind, message=message,
+                              qos=self.mqtt.qos)]
 
 
 def build_messages(settings: Settings, embedder: DinoEmbedder) -> Messages | None:
@@ -122,21 +122,26 @@ class Daemon:
         self.pipeline.submit(path, watch.source_name)
 
     def file_deleted(self, path: Path, watch: WatchSettings) -> None:
-        self.store.mark_deleted([str(path)], wait=False)
+        self.pipeline.submit(path, watch.source_name, gone=True)
 
     def folder_scanned(self, watch: WatchSettings, present: set[Path]) -> None:
-        # Only rows whose files are really gone: the scan skips excluded or unreadable
-        # sub-folders, and files may have arrived since it listed the folder.
-        unseen = self.store.live_paths(watch.path) - {str(p) for p in present}
-        gone = {path for path in unseen if _is_gone(path)}
-        if gone:
-            log.info("%d files under %s are gone since the last scan", len(gone), watch.path)
-            self.store.mark_deleted(gone, wait=False)
+        # The pipeline ends a row `deleted` only if its file is really gone: the scan skips
+        # excluded or unreadable sub-folders, and files may have arrived since the listing.
+        for path in sorted(self.store.live_paths(watch.path) - {str(p) for p in present}):
+            self.pipeline.submit(Path(path), watch.source_name, gone=True)
 
     def folder_error(self, watch: WatchSettings, message: str) -> None:
         if self.messages is not None:
-            self.store.enqueue(self.messages.error(str(watch.path), OSError(message)))
+            self.store.enqueue(self.messages.error(str(watch.path), "OSError", message))
             self.publisher_wake()
+
+    def disk_full(self, message: str | None) -> None:
+        """Pipeline: the store's disk is full (message) or has room again (None). The outbox
+        lives on that disk, so the report goes to the broker directly."""
+        if message is not None and self.messages is not None and self.publisher is not None:
+            for report in self.messages.error(str(self.settings.data_dir), "DiskFull", message):
+                self.publisher.publish_now(report)
+        self._publish_stats()
 
     # -- lifecycle ------------------------------------------------------------------------
     def run(self) -> int:
@@ -153,7 +158,7 @@ class Daemon:
                           if settings.mqtt else None)
         self.pipeline = Pipeline(self.embedder, self.store, self.messages,
                                  normalize=settings.model.normalize,
-                                 on_recorded=self.publisher_wake)
+                                 on_recorded=self.publisher_wake, on_disk_full=self.disk_full)
         self.pipeline.start()
         if self.publisher:
             self.publisher.start()
@@ -248,7 +253,9 @@ class Daemon:
         return {
             "processed": self.pipeline.processed,
             "failed": self.pipeline.failed,
+            "deleted": self.pipeline.outcomes[DELETED],
             "queue": self.pipeline.queued,
+            "disk_full": self.pipeline.disk_full,
             "outbox": self.store.outbox_depth(),
             "images/s": round(self.pipeline.rate(), 3),
             "uptime": round(time.monotonic() - self._started),
@@ -257,7 +264,8 @@ class Daemon:
 
     def _publish_stats(self) -> None:
         stats = self.stats()
-        self.store.put_meta("stats", json.dumps(stats))
+        if not self.pipeline.disk_full:  # no room for it then; `status` checks the disk itself
+            self.store.put_meta("stats", json.dumps(stats))
         if self.publisher:
             self.publisher.publish_stats(stats)
         notify(f"STATUS=processed {stats['processed']}, queue {stats['queue']}, "

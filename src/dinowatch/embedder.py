@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Self
+from typing import BinaryIO, Self
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -80,9 +80,10 @@ class DinoEmbedder:
         """The model file's sha256, published with each vector so consumers tell models apart."""
         return self._pinned_sha256 or models.sha256_file(self.model_path)
 
-    def prepare(self, image_path: str | Path) -> Prepared:
-        """Decode and preprocess one file (the part that runs beside inference)."""
-        decoded = decode(image_path, self.imaging, self.backend.input_spec.size)
+    def prepare(self, image: str | Path | BinaryIO, *, name: str | None = None) -> Prepared:
+        """Decode and preprocess one image file, given as a path or an open binary file
+        (`name` then names it in errors): the part that runs beside inference."""
+        decoded = decode(image, self.imaging, self.backend.input_spec.size, name=name)
         return Prepared(preprocess(decoded.image, self.backend.input_spec),
                         decoded.width, decoded.height)
 

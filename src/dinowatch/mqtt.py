@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -22,7 +23,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from dinowatch.config import ConfigError, MqttSettings
-from dinowatch.errors import DinowatchError
+from dinowatch.errors import DinowatchError, readable
 from dinowatch.store import Message, Store, utc_now
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,10 @@ class Topics:
         return f"{self.base}/embedding"
 
     @property
+    def deleted(self) -> str:
+        return f"{self.base}/deleted"
+
+    @property
     def match(self) -> str:
         return f"{self.base}/match"
 
@@ -77,8 +82,22 @@ class Topics:
 # ---- payloads -----------------------------------------------------------------------------
 
 def message_id(device_id: str, path: str, sha256: str) -> str:
-    """Stable per image, so consumers can drop a redelivered duplicate."""
-    return hashlib.sha256("\0".join((device_id, path, sha256)).encode()).hexdigest()[:32]
+    """Stable per image, so consumers can drop a redelivered duplicate (the file name's bytes
+    count, so names that are not UTF-8 get ids of their own)."""
+    key = b"\0".join((device_id.encode(), os.fsencode(path), sha256.encode()))
+    return hashlib.sha256(key).hexdigest()[:32]
+
+
+def path_fields(path: str | None) -> dict[str, str | None]:
+    """DESIGN's `path` (valid UTF-8, undecodable bytes as `\\xNN`), plus `path_bytes` (the
+    exact name, base64) when the two differ."""
+    if path is None:
+        return {"path": None}
+    text = readable(path)
+    raw = os.fsencode(path)
+    if text.encode() == raw:
+        return {"path": text}
+    return {"path": text, "path_bytes": base64.b64encode(raw).decode("ascii")}
 
 
 def _json(payload: dict[str, Any]) -> bytes:
@@ -98,7 +117,7 @@ def embedding_message(topics: Topics, *, device_id: str, path: str, source: str,
         encoded = None
     else:
         raise ValueError(f"unknown vector encoding {encoding!r}")
-    payload = {"id": message_id(device_id, str(path), sha256), "path": str(path),
+    payload = {"id": message_id(device_id, path, sha256), **path_fields(path),
                "source": source, "sha256": sha256, "width": width, "height": height,
                "ts": utc_now(), "model": {"name": model_name, "sha256": model_sha256},
                "dim": int(values.size), "vector": encoded}
@@ -107,9 +126,17 @@ def embedding_message(topics: Topics, *, device_id: str, path: str, source: str,
 
 def error_message(topics: Topics, *, path: str | None, error: str, message: str,
                   qos: int) -> Message:
-    payload = {"path": None if path is None else str(path), "error": error,
-               "message": message, "ts": utc_now()}
+    payload = {**path_fields(path), "error": error, "message": readable(message),
+               "ts": utc_now()}
     return Message(topics.error, _json(payload), qos=qos)
+
+
+def deleted_message(topics: Topics, *, device_id: str, path: str, source: str, sha256: str,
+                    qos: int) -> Message:
+    """A recorded file is gone: `id` is the one its embedding carried."""
+    payload = {"id": message_id(device_id, path, sha256), **path_fields(path),
+               "source": source, "sha256": sha256, "ts": utc_now()}
+    return Message(topics.deleted, _json(payload), qos=qos)
 
 
 def _preview(payload: bytes) -> str:
@@ -207,8 +234,14 @@ class Publisher:
         self._events.put((_WAKE, 0, None))
 
     def publish_stats(self, payload: dict[str, Any]) -> None:
+        self.publish_now(Message(self.topics.stats, _json(payload), qos=1, retain=True))
+
+    def publish_now(self, message: Message) -> None:
+        """Send past the outbox, if connected: for what cannot wait for, or be written to,
+        the database (retained stats, a full disk)."""
         if self._connected:
-            self._client.publish(self.topics.stats, _json(payload), qos=1, retain=True)
+            self._client.publish(message.topic, message.payload, qos=message.qos,
+                                 retain=message.retain)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop draining, publish a retained `offline`, disconnect cleanly (no Will)."""

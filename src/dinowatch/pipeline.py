@@ -3,25 +3,36 @@
 Decode workers read, hash and decode files; one inference worker batches whatever is ready.
 The two overlap because PIL and ONNX Runtime release the GIL. A bounded queue between them
 is the backpressure: decoders wait while inference is behind, so memory stays flat.
+
+Every file handed over ends in one visible state: `done` (a vector), `failed` (a row and an
+`error` message naming the file and the kind of error) or `deleted`. A file is opened once:
+the bytes that are hashed are the bytes that are decoded, and a file that changes while it
+is read, or before its result commits, is read again rather than recorded mixed. Deletions
+go through the same queue as arrivals, so a path's row only ever changes on one thread at a
+time and a file deleted while in flight ends `deleted`, not `done`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import queue
+import stat
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from dinowatch.embedder import EMBED_ERRORS, DinoEmbedder, Prepared
-from dinowatch.store import ImageRecord, Message, Store
+from dinowatch.embedder import DinoEmbedder, Prepared
+from dinowatch.errors import readable
+from dinowatch.imaging import ImageError, ImageTooLarge
+from dinowatch.store import DiskFull, ImageRecord, Message, Store
 
 log = logging.getLogger(__name__)
 
@@ -29,21 +40,35 @@ DECODE_WORKERS = 2
 BATCH_SIZE = 4  # images per inference call; larger batches gain little on 4 cores
 PREPARED_QUEUE = 8  # decoded tensors waiting for inference (600 KB each)
 RATE_WINDOW_SECONDS = 60.0
+READ_ATTEMPTS = 5  # reads of a file that keeps changing before it goes to the back of the queue
+REREAD_PAUSE = 0.1  # seconds, times the attempt number
+SPACE_PROBE_SECONDS = 5.0  # while the disk is full: how often to try a write again
+# O_NONBLOCK: opening a FIFO must not wait for a writer; it changes nothing for regular files.
+OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 
+# What happened to a job; `Pipeline.outcomes` counts them.
+RECORDED, UNCHANGED, FAILED, DELETED, REQUEUED = (
+    "recorded", "unchanged", "failed", "deleted", "requeued")
 
 
 @dataclass(frozen=True)
 class Job:
     path: Path
     source: str
+    gone: bool = False  # the watcher or a scan saw the file leave: settle its row
 
 
 @dataclass(frozen=True)
 class Decoded:
     job: Job
-    stat: os.stat_result
+    stat: os.stat_result  # of the descriptor the bytes came from
     sha256: str
     prepared: Prepared
+    previous: ImageRecord | None
+
+
+class Changed(Exception):  # a signal between two methods, not an error
+    """The file changed while it was read, or before its result committed."""
 
 
 class Messages:
@@ -52,25 +77,31 @@ class Messages:
     def embedding(self, record: ImageRecord, vector: np.ndarray) -> list[Message]:
         return []
 
-    def error(self, path: str | None, error: BaseException) -> list[Message]:
+    def deleted(self, record: ImageRecord) -> list[Message]:
+        return []
+
+    def error(self, path: str | None, kind: str, message: str) -> list[Message]:
         return []
 
 
 class WorkQueue:
-    """Paths waiting for a decoder, de-duplicated; a path is never worked on twice at once."""
+    """Jobs waiting for a decoder, de-duplicated; a path is never worked on twice at once."""
 
     def __init__(self) -> None:
         self._waiting: OrderedDict[Job, None] = OrderedDict()
         self._active: set[Path] = set()
         self._changed = threading.Condition()
         self._closed = False
+        self._paused = False
 
-    def put(self, job: Job) -> bool:
+    def put(self, job: Job, *, front: bool = False) -> bool:
         """Queue `job`; False if it was already waiting."""
         with self._changed:
             if job in self._waiting:
                 return False
             self._waiting[job] = None
+            if front:
+                self._waiting.move_to_end(job, last=False)
             self._changed.notify()
             return True
 
@@ -78,7 +109,8 @@ class WorkQueue:
         """The next job whose path is not being worked on; None once closed."""
         with self._changed:
             while not self._closed:
-                job = next((j for j in self._waiting if j.path not in self._active), None)
+                job = None if self._paused else next(
+                    (j for j in self._waiting if j.path not in self._active), None)
                 if job is not None:
                     del self._waiting[job]
                     self._active.add(job.path)
@@ -91,6 +123,12 @@ class WorkQueue:
             self._active.discard(job.path)
             self._changed.notify_all()
 
+    def pause(self, paused: bool = True) -> None:
+        """While paused, `take` hands out nothing (jobs keep arriving and wait)."""
+        with self._changed:
+            self._paused = paused
+            self._changed.notify_all()
+
     def close(self) -> None:
         with self._changed:
             self._closed = True
@@ -98,16 +136,22 @@ class WorkQueue:
 
 
 class Pipeline:
-    """Embeds every submitted file once and records it; see the module docstring."""
+    """Embeds every submitted file once and records it; see the module docstring.
+
+    `on_disk_full(message)` is called when the store's disk fills up (intake pauses) and
+    `on_disk_full(None)` when writes succeed again (intake resumes).
+    """
 
     def __init__(self, embedder: DinoEmbedder, store: Store, messages: Messages | None = None,
                  *, normalize: bool = True, on_recorded: Callable[[], None] = lambda: None,
+                 on_disk_full: Callable[[str | None], None] = lambda message: None,
                  decode_workers: int = DECODE_WORKERS) -> None:
         self.embedder = embedder
         self.store = store
         self.messages = messages or Messages()
         self.normalize = normalize
         self.on_recorded = on_recorded
+        self.on_disk_full = on_disk_full
         self.model_key = embedder.model_sha256
         self.work = WorkQueue()
         self._prepared: queue.Queue[Decoded | None] = queue.Queue(PREPARED_QUEUE)
@@ -116,9 +160,11 @@ class Pipeline:
         self._inference = threading.Thread(target=self._infer_loop, name="inference",
                                            daemon=True)
         self._lock = threading.Lock()
+        self._space = threading.Lock()  # one thread waits for disk space, the rest queue here
+        self._stopping = threading.Event()
         self._completed: deque[float] = deque()
-        self.processed = 0
-        self.failed = 0
+        self.outcomes: Counter[str] = Counter()
+        self.disk_full = False
         self._submitted = 0
         self._finished = 0
 
@@ -127,9 +173,12 @@ class Pipeline:
         for thread in [*self._decoders, self._inference]:
             thread.start()
 
-    def submit(self, path: Path, source: str) -> None:
-        """Hand a file over (from any thread); returns at once."""
-        if self.work.put(Job(path, source)):
+    def submit(self, path: Path, source: str, *, gone: bool = False) -> None:
+        """Hand a file over (from any thread); returns at once. `gone`: it left the folder."""
+        self._queue(Job(path, source, gone))
+
+    def _queue(self, job: Job, *, front: bool = False) -> None:
+        if self.work.put(job, front=front):
             with self._lock:
                 self._submitted += 1
 
@@ -139,6 +188,7 @@ class Pipeline:
         Returns False if the workers did not finish within `timeout`.
         """
         deadline = time.monotonic() + timeout
+        self._stopping.set()
         self.work.close()
         for thread in self._decoders:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -159,11 +209,13 @@ class Pipeline:
         with self._lock:
             return self._submitted - self._finished
 
-    def _complete(self, job: Job) -> None:
-        """`job` is recorded (or skipped): its path may be worked on again."""
-        self.work.done(job)
-        with self._lock:
-            self._finished += 1
+    @property
+    def processed(self) -> int:
+        return self.outcomes[RECORDED]
+
+    @property
+    def failed(self) -> int:
+        return self.outcomes[FAILED]
 
     def rate(self) -> float:
         """Images per second over the last minute."""
@@ -171,55 +223,106 @@ class Pipeline:
             self._forget_old(time.monotonic())
             return len(self._completed) / RATE_WINDOW_SECONDS
 
+    def _complete(self, job: Job, outcome: str) -> None:
+        """This attempt at `job` is over: its path may be worked on again."""
+        with self._lock:
+            self.outcomes[outcome] += 1
+            self._finished += 1
+            if outcome == RECORDED:
+                now = time.monotonic()
+                self._completed.append(now)
+                self._forget_old(now)
+        self.work.done(job)
+
+    def _forget_old(self, now: float) -> None:
+        while self._completed and self._completed[0] < now - RATE_WINDOW_SECONDS:
+            self._completed.popleft()
+
     # -- decode ---------------------------------------------------------------------------
     def _decode_loop(self) -> None:
         while (job := self.work.take()) is not None:
-            decoded = None
+            outcome: str | None = None
             try:
-                decoded = self._decode(job)
-                if decoded is not None:
-                    self._prepared.put(decoded)  # inference completes the job
-            except Exception:
-                log.exception("unexpected error on %s", job.path)
+                outcome = self._settle_gone(job) if job.gone else self._decode(job)
+            except Exception as err:  # a bug must still leave the file in a visible state
+                outcome = self._unexpected(job, err)
             finally:
-                if decoded is None:  # skipped, recorded without inference, or failed
-                    self._complete(job)
+                if outcome is not None:  # None: handed to inference, which completes it
+                    self._complete(job, outcome)
 
-    def _decode(self, job: Job) -> Decoded | None:
+    def _decode(self, job: Job) -> str | None:
         """Skip what the store already has; record what needs no inference; else decode."""
-        path = str(job.path)
+        previous = self.store.image(str(job.path))
         try:
-            stat = job.path.stat()
+            read = self._read(job.path, previous)
+        except Changed:
+            return self._requeue(job)
         except FileNotFoundError:
-            log.debug("%s vanished before it was read", path)
-            return None
-        except OSError as err:
-            self._record_failure(job, None, err)  # no stat: retried at the next scan
-            return None
-        known = self.store.image(path)
-        if known and known.status != "deleted" and known.model == self.model_key and \
-                (known.size, known.mtime_ns) == (stat.st_size, stat.st_mtime_ns):
-            return None  # this version of the file is already recorded (done or failed)
-        try:
-            with job.path.open("rb") as file:  # streamed: a huge file never sits in memory
-                sha256 = hashlib.file_digest(file, "sha256").hexdigest()
-        except FileNotFoundError:
-            return None
-        except OSError as err:  # e.g. permissions: may be fixed without touching the file
-            self._record_failure(job, None, err)
-            return None
+            if os.path.lexists(job.path):  # the name is there: a link to nothing
+                return self._record_failure(job, previous, FileNotFoundError(
+                    f"{readable(job.path)}: a symbolic link to a missing file"))
+            return self._record_deleted(job, previous)
+        except (OSError, ImageError) as err:  # unreadable, a FIFO, a link loop, too large
+            return self._record_failure(job, previous, err)
+        if read is None:
+            return UNCHANGED
+        st, data = read
+        sha256 = hashlib.sha256(data).hexdigest()
         twin = self.store.known(sha256, self.model_key)
         if twin is not None:  # the same bytes were embedded before: reuse, no inference
             vector, width, height = twin
-            resend = not (known and known.sha256 == sha256 and known.status == "done")
-            self._record_success(job, stat, sha256, width, height, vector, publish=resend)
-            return None
+            return self._record_success(job, st, sha256, width, height, vector, previous)
         try:
-            prepared = self.embedder.prepare(job.path)
-        except EMBED_ERRORS as err:
-            self._record_failure(job, stat, err, sha256)
-            return None
-        return Decoded(job, stat, sha256, prepared)
+            prepared = self.embedder.prepare(io.BytesIO(data), name=str(job.path))
+        except Exception as err:  # the decoder's own errors, and anything it raises on us
+            return self._record_failure(job, previous, err, st, sha256)
+        self._prepared.put(Decoded(job, st, sha256, prepared, previous))
+        return None
+
+    def _read(self, path: Path, previous: ImageRecord | None
+              ) -> tuple[os.stat_result, bytes] | None:
+        """One open: the descriptor's stat and all its bytes; None if `previous` has them.
+
+        Raises Changed if the file keeps changing while it is read, ImageTooLarge over the
+        size `imaging.max_pixels` allows, ImageError for what is not a regular file, and
+        OSError as opening or reading raises it.
+        """
+        for attempt in range(1, READ_ATTEMPTS + 1):
+            with os.fdopen(os.open(path, OPEN_FLAGS), "rb") as file:
+                before = os.fstat(file.fileno())
+                if not stat.S_ISREG(before.st_mode):
+                    raise ImageError(f"{readable(path)}: not a regular file "
+                                     f"({_file_type(before.st_mode)})")
+                if previous and previous.status != "deleted" and \
+                        previous.model == self.model_key and \
+                        (previous.size, previous.mtime_ns) == (before.st_size, before.st_mtime_ns):
+                    return None  # this version of the file is already recorded
+                limit = self.embedder.imaging.max_file_bytes
+                if before.st_size > limit:
+                    raise ImageTooLarge(f"{readable(path)}: {before.st_size:,} bytes is more "
+                                        f"than an image within imaging.max_pixels can take "
+                                        f"({limit:,} bytes)")
+                data = file.read(limit + 1)
+                after = os.fstat(file.fileno())
+            if not _changed(before, after) and len(data) == after.st_size:
+                return after, data
+            time.sleep(REREAD_PAUSE * attempt)
+        raise Changed(path)
+
+    def _settle_gone(self, job: Job) -> str:
+        """The file left its folder: its row ends `deleted` (unless a new file took the name;
+        that one's own report follows)."""
+        if not _is_gone(job.path):
+            return UNCHANGED
+        previous = self.store.image(str(job.path))
+        if previous is not None and previous.status == "deleted":
+            return UNCHANGED
+        return self._record_deleted(job, previous)
+
+    def _requeue(self, job: Job) -> str:
+        log.debug("%s changed while being read; reading it again later", readable(job.path))
+        self._queue(job)
+        return REQUEUED
 
     # -- embed ----------------------------------------------------------------------------
     def _infer_loop(self) -> None:
@@ -236,67 +339,164 @@ class Pipeline:
                     stop_after = True
                     break
                 batch.append(item)
-            try:
-                self._embed(batch)
-            except Exception:
-                log.exception("unexpected error embedding a batch of %d", len(batch))
+            self._embed(batch)
             if stop_after:
                 return
 
     def _embed(self, batch: list[Decoded]) -> None:
         try:
-            vectors: list[np.ndarray | None] = list(self.embedder.infer(
+            vectors: list[np.ndarray] | None = list(self.embedder.infer(
                 [item.prepared.tensor for item in batch], self.normalize))
             failure: Exception | None = None
-        except RuntimeError as err:
+        except Exception as err:
             log.error("inference failed for a batch of %d: %s", len(batch), err)
-            vectors, failure = [None] * len(batch), err
-        for item, vector in zip(batch, vectors, strict=True):
+            vectors, failure = None, err
+        for index, item in enumerate(batch):
+            outcome = FAILED
             try:
-                if vector is None:  # no stat: the next scan retries it
-                    self._record_failure(item.job, None, failure or RuntimeError(), item.sha256)
+                if vectors is None:
+                    outcome = self._record_failure(item.job, item.previous,
+                                                   failure or RuntimeError(), None, item.sha256)
                 else:
-                    self._record_success(item.job, item.stat, item.sha256, item.prepared.width,
-                                         item.prepared.height, vector, new_vector=True)
-            except Exception:  # e.g. disk full: the file is redone at the next scan
-                log.exception("cannot record %s", item.job.path)
+                    outcome = self._record_success(
+                        item.job, item.stat, item.sha256, item.prepared.width,
+                        item.prepared.height, vectors[index], item.previous, new_vector=True)
+            except Exception as err:
+                outcome = self._unexpected(item.job, err)
             finally:
-                self._complete(item.job)
+                self._complete(item.job, outcome)
 
     # -- record ---------------------------------------------------------------------------
-    def _record_success(self, job: Job, stat: os.stat_result, sha256: str, width: int | None,
-                        height: int | None, vector: np.ndarray, *, new_vector: bool = False,
-                        publish: bool = True) -> None:
-        record = ImageRecord(path=str(job.path), source=job.source, size=stat.st_size,
-                             mtime_ns=stat.st_mtime_ns, status="done", sha256=sha256,
+    def _unexpected(self, job: Job, err: Exception) -> str:
+        """Last resort for an error no stage expected: record it if the store still can."""
+        log.exception("unexpected error on %s", readable(job.path))
+        try:
+            return self._record_failure(job, None, err)
+        except Exception:  # the store itself fails: the next scan tries the file again
+            log.exception("cannot record the failure of %s", readable(job.path))
+            return FAILED
+
+    def _record_success(self, job: Job, st: os.stat_result, sha256: str, width: int | None,
+                        height: int | None, vector: np.ndarray, previous: ImageRecord | None,
+                        *, new_vector: bool = False) -> str:
+        """Commit a vector, unless the file left or changed since it was read."""
+        try:
+            _check_unchanged(job.path, st)
+        except FileNotFoundError:
+            return self._record_deleted(job, previous)
+        except Changed:
+            return self._requeue(job)
+        record = ImageRecord(path=str(job.path), source=job.source, size=st.st_size,
+                             mtime_ns=st.st_mtime_ns, status="done", sha256=sha256,
                              width=width, height=height, model=self.model_key)
-        messages = self.messages.embedding(record, vector) if publish else []
-        self._commit(record, vector if new_vector else None, messages, failed=False)
+        messages: list[Message] = []
+        if previous is not None and previous.status == "done":
+            if previous.sha256 == sha256:  # touched, same bytes: consumers have it already
+                return self._commit(job, record, None, [], RECORDED)
+            messages += self.messages.deleted(previous)  # the old picture is gone
+        messages += self.messages.embedding(record, vector)
+        return self._commit(job, record, vector if new_vector else None, messages, RECORDED)
 
-    def _record_failure(self, job: Job, stat: os.stat_result | None, err: BaseException,
-                        sha256: str | None = None) -> None:
-        log.warning("%s", err)
+    def _record_failure(self, job: Job, previous: ImageRecord | None, err: BaseException,
+                        st: os.stat_result | None = None, sha256: str | None = None) -> str:
+        """A `failed` row and one `error` message naming the file and the kind of error.
+
+        Without a stat (the file could not be opened) the row matches no version of the
+        file, so the next scan tries again; the same error is not reported twice.
+        """
+        kind, message = type(err).__name__, _describe(job.path, err)
+        log.warning("%s", message)
         record = ImageRecord(path=str(job.path), source=job.source,
-                             size=stat.st_size if stat else -1,
-                             mtime_ns=stat.st_mtime_ns if stat else -1, status="failed",
-                             sha256=sha256, error=f"{type(err).__name__}: {err}",
-                             model=self.model_key)
-        self._commit(record, None, self.messages.error(str(job.path), err), failed=True)
+                             size=st.st_size if st else -1,
+                             mtime_ns=st.st_mtime_ns if st else -1, status="failed",
+                             sha256=sha256, error=f"{kind}: {message}", model=self.model_key)
+        if previous == replace(record, source=previous.source if previous else ""):
+            return UNCHANGED  # failed the same way before, already reported
+        return self._commit(job, record, None,
+                            self.messages.error(str(job.path), kind, message), FAILED)
 
-    def _commit(self, record: ImageRecord, vector: np.ndarray | None, messages: list[Message],
-                *, failed: bool) -> None:
-        self.store.record(record, vector, messages)
-        now = time.monotonic()
-        with self._lock:
-            if failed:
-                self.failed += 1
-            else:
-                self.processed += 1
-                self._completed.append(now)
-                self._forget_old(now)
+    def _record_deleted(self, job: Job, previous: ImageRecord | None) -> str:
+        """The row ends `deleted`; consumers hear of it if they had its embedding."""
+        if previous is None:  # gone before it was ever read: still a visible end
+            record = ImageRecord(path=str(job.path), source=job.source, size=-1, mtime_ns=-1,
+                                 status="deleted", model=self.model_key)
+            return self._commit(job, record, None, [], DELETED)
+        if previous.status == "deleted":
+            return UNCHANGED
+        messages = self.messages.deleted(previous) if previous.status == "done" else []
+        return self._commit(job, replace(previous, status="deleted", error=None), None,
+                            messages, DELETED)
+
+    def _commit(self, job: Job, record: ImageRecord, vector: np.ndarray | None,
+                messages: list[Message], outcome: str) -> str:
+        """Store the row, vector and messages in one transaction; on a full disk, pause
+        intake, wait for space and put the job back (nothing is marked failed for it)."""
+        try:
+            self.store.record(record, vector, messages)
+        except DiskFull as err:
+            self.work.pause()
+            self._queue(job, front=True)
+            self._wait_for_space(err)
+            return REQUEUED
         if messages:
             self.on_recorded()
+        return outcome
 
-    def _forget_old(self, now: float) -> None:
-        while self._completed and self._completed[0] < now - RATE_WINDOW_SECONDS:
-            self._completed.popleft()
+    def _wait_for_space(self, err: DiskFull) -> None:
+        with self._space:
+            if not self.disk_full and not self.store.writable():
+                self.disk_full = True
+                log.error("%s: intake paused until there is room again", err)
+                self.on_disk_full(f"{err}; intake paused until there is room again")
+            while self.disk_full and not self._stopping.wait(SPACE_PROBE_SECONDS):
+                if self.store.writable():
+                    self.disk_full = False
+                    log.warning("%s has room again: intake resumed", self.store.path.parent)
+                    self.on_disk_full(None)
+            self.work.pause(False)
+
+
+def _file_type(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "an unknown kind of file"
+
+
+def _changed(before: os.stat_result, after: os.stat_result) -> bool:
+    """Any write or replacement moves size, mtime or ctime (ctime even past a reset mtime)."""
+    return (before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns,
+            before.st_ctime_ns) != (after.st_dev, after.st_ino, after.st_size,
+                                    after.st_mtime_ns, after.st_ctime_ns)
+
+
+def _check_unchanged(path: Path, st: os.stat_result) -> None:
+    """Raise FileNotFoundError if `path` is gone, Changed if it now holds other bytes."""
+    try:
+        now = path.stat()
+    except (FileNotFoundError, NotADirectoryError) as err:
+        raise FileNotFoundError(str(path)) from err
+    if _changed(st, now):
+        raise Changed(path)
+
+
+def _is_gone(path: Path) -> bool:
+    """True only when the name is certainly missing (not merely unreadable right now)."""
+    try:
+        path.lstat()
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _describe(path: Path, err: BaseException) -> str:
+    """A message naming the file: OSError's own text would show undecodable bytes as
+    `\\udcNN` and sometimes no name at all."""
+    if isinstance(err, OSError) and err.strerror and not isinstance(err, ImageError):
+        return f"{readable(path)}: {err.strerror}"
+    text = readable(str(err))
+    return text if readable(path) in text else f"{readable(path)}: {text}"

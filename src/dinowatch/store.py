@@ -8,7 +8,9 @@ their own connections (WAL lets them read while the writer writes).
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import shutil
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable
@@ -25,6 +27,8 @@ from dinowatch.errors import DinowatchError
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+RESUME_FREE_BYTES = 1 << 20  # after the disk was full, writes resume once this much is free
 
 # Each migration moves the schema one version up; never edit one that has shipped.
 MIGRATIONS = [
@@ -65,6 +69,28 @@ MIGRATIONS = [
 
 class StoreError(DinowatchError):
     """The database cannot be opened or is newer than this dinowatch."""
+
+
+class DiskFull(StoreError):
+    """The filesystem holding the database has no room for this write (SQLITE_FULL)."""
+
+
+def path_key(path: str) -> str | bytes:
+    """How a file name is keyed in `images.path`: TEXT when it is valid UTF-8, else its BLOB.
+
+    Lossless for any name (Python keeps undecodable bytes as PEP 383 surrogates, which SQLite
+    text cannot hold), and ordinary names stay readable in the sqlite3 shell. A TEXT and a
+    BLOB never compare equal, and each name has exactly one of the two forms.
+    """
+    raw = os.fsencode(path)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw
+
+
+def _path(value: str | bytes) -> str:
+    return value if isinstance(value, str) else os.fsdecode(value)
 
 
 @dataclass(frozen=True)
@@ -147,6 +173,8 @@ class Store:
             except BaseException as err:  # the caller gets it through the future
                 if connection.in_transaction:
                     connection.execute("ROLLBACK")
+                if getattr(err, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                    err = DiskFull(f"{self.path}: the disk is full ({err})")
                 future.set_exception(err)
             else:
                 future.set_result(result)
@@ -185,7 +213,7 @@ class Store:
             db.execute(
                 "INSERT OR REPLACE INTO images (path, source, sha256, size, mtime_ns, width, "
                 "height, status, error, model, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (image.path, image.source, image.sha256, image.size, image.mtime_ns,
+                (path_key(image.path), image.source, image.sha256, image.size, image.mtime_ns,
                  image.width, image.height, image.status, image.error, image.model, utc_now()))
             if vector is not None:
                 db.execute("INSERT OR IGNORE INTO vectors (sha256, model, vector) VALUES (?,?,?)",
@@ -199,17 +227,16 @@ class Store:
         messages = list(messages)
         self._write(lambda db: _insert_messages(db, messages))
 
-    def mark_deleted(self, paths: Iterable[str], wait: bool = True) -> int:
-        """Mark images whose files are gone; returns how many rows changed (0 if not waiting)."""
-        paths = list(paths)
-
-        def work(db: sqlite3.Connection) -> int:
-            now = utc_now()
-            return sum(db.execute("UPDATE images SET status = 'deleted', updated_at = ? "
-                                  "WHERE path = ? AND status != 'deleted'", (now, p)).rowcount
-                       for p in paths)
-
-        return self._write(work, wait) or 0
+    def writable(self) -> bool:
+        """True if there is room again: RESUME_FREE_BYTES free and a small write commits."""
+        try:
+            if shutil.disk_usage(self.path.parent).free < RESUME_FREE_BYTES:
+                return False
+            self._write(lambda db: db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                                              ("writable", utc_now())))
+        except (OSError, DiskFull, sqlite3.Error):
+            return False
+        return True
 
     def ack(self, seq: int) -> None:
         """The broker has the message: drop it from the outbox (does not wait).
@@ -236,8 +263,8 @@ class Store:
     def image(self, path: str) -> ImageRecord | None:
         row = self._reader.execute(
             "SELECT path, source, size, mtime_ns, status, sha256, width, height, error, model "
-            "FROM images WHERE path = ?", (path,)).fetchone()
-        return ImageRecord(**dict(row)) if row else None
+            "FROM images WHERE path = ?", (path_key(path),)).fetchone()
+        return ImageRecord(**(dict(row) | {"path": path})) if row else None
 
     def known(self, sha256: str, model: str) -> tuple[np.ndarray, int | None, int | None] | None:
         """The stored vector (and picture size) for these bytes under this model, if any."""
@@ -252,11 +279,11 @@ class Store:
 
     def live_paths(self, root: Path) -> set[str]:
         """Paths below `root` that the store believes still exist."""
-        prefix = str(root).rstrip("/") + "/"
+        prefix = os.fsencode(root).rstrip(b"/") + b"/"
         rows = self._reader.execute(
-            "SELECT path FROM images WHERE status != 'deleted' AND substr(path, 1, ?) = ?",
-            (len(prefix), prefix))
-        return {row[0] for row in rows}
+            "SELECT path FROM images WHERE status != 'deleted' "
+            "AND substr(CAST(path AS BLOB), 1, ?) = ?", (len(prefix), prefix))
+        return {_path(row[0]) for row in rows}
 
     def outbox_after(self, seq: int, limit: int) -> list[OutboxMessage]:
         rows = self._reader.execute(
@@ -276,7 +303,7 @@ class Store:
         rows = self._reader.execute(
             "SELECT path, error, updated_at FROM images WHERE status = 'failed' "
             "ORDER BY updated_at DESC LIMIT ?", (limit,))
-        return [dict(row) for row in rows]
+        return [dict(row) | {"path": _path(row["path"])} for row in rows]
 
     def meta(self, key: str) -> str | None:
         row = self._reader.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

@@ -6,13 +6,18 @@ place; failing that (polling, SMB), when its size and mtime stay unchanged for
 `settle_seconds`. The watcher's own thread settles pending files, runs the catch-up scan and
 supervises the folder: a missing or unreadable folder is reported once per outage and
 watched again, with a fresh catch-up scan, as soon as it is back.
+
+Events can be lost: the kernel's inotify queue overflows under a burst, and the per-user
+watch or instance limits can be reached. An overflow triggers a catch-up scan at once; a
+limit makes that folder fall back to polling; and a periodic reconciliation scan
+(`rescan_minutes`) catches anything else. A scan never re-embeds what is recorded.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
-import sys
 import threading
 import time
 from collections import OrderedDict
@@ -33,8 +38,9 @@ from watchdog.events import (
     FileSystemEvent,
     FileSystemEventHandler,
 )
-from watchdog.observers import Observer
-from watchdog.observers.api import BaseObserver
+from watchdog.observers.api import DEFAULT_OBSERVER_TIMEOUT, BaseObserver
+from watchdog.observers.inotify import InotifyFullEmitter
+from watchdog.observers.inotify_c import InotifyEvent, InotifyFD
 from watchdog.observers.polling import PollingObserver
 
 from dinowatch.config import WatchSettings
@@ -48,6 +54,9 @@ INOTIFY_QUIET_SECONDS = 60.0  # settle fallback when inotify saw no close (e.g. 
 POLL_INTERVAL = 1.0  # PollingObserver: seconds between directory snapshots
 JOIN_TIMEOUT = 10.0  # stop() gives up waiting (and logs) after this; threads are daemons
 REPORTED_MAX = 4096  # recent reports remembered so one write is never reported twice
+# inotify(7) limits, by the errno that reaching them gives: the sysctl to raise.
+INOTIFY_LIMITS = {errno.ENOSPC: "fs.inotify.max_user_watches",
+                  errno.EMFILE: "fs.inotify.max_user_instances"}
 
 # Only what intake acts on: leaves out open/access/close-without-write, which the daemon's
 # own reads of every image would otherwise add.
@@ -112,13 +121,16 @@ def _walk(folder: Path, watch: WatchSettings, *, root: bool) -> Iterator[Path]:
     for entry in entries:
         path = folder / entry.name
         try:  # symlinked folders are not followed: they could loop
-            is_dir, is_file = entry.is_dir(follow_symlinks=False), entry.is_file()
+            is_dir = entry.is_dir(follow_symlinks=False)
         except OSError as err:
             log.warning("Cannot stat %s: %s", path, err)
             continue
-        if is_dir and watch.recursive and not _any_match(entry.name, watch.exclude):
-            yield from _walk(path, watch, root=False)
-        elif is_file and not is_dir and matches(path, watch):
+        if is_dir:
+            if watch.recursive and not _any_match(entry.name, watch.exclude):
+                yield from _walk(path, watch, root=False)
+        elif matches(path, watch):
+            # Whatever else carries an image's name (a broken or looping link, a FIFO) is
+            # handed over too: the pipeline records why it is not an image.
             yield path
 
 
@@ -126,11 +138,59 @@ def _signature(st: os.stat_result) -> Signature:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
+def _probe(path: Path) -> Signature | None:
+    """The file's signature; a link that cannot be followed is described by the link itself.
+    None: the name is gone."""
+    try:
+        return _signature(path.stat())
+    except OSError:
+        try:
+            return _signature(path.lstat())
+        except OSError:
+            return None
+
+
 @dataclass(slots=True)
 class _Pending:
     signature: Signature | None  # None: not looked at yet
     since: float  # monotonic time the signature last changed
     quiet: float  # seconds unchanged that make it complete
+
+
+class _OverflowAwareFD(InotifyFD):
+    """watchdog's inotify reader, plus a callback when the kernel's queue overflowed.
+
+    watchdog (7.x) only logs an overflow and rebuilds its watches; the files whose events
+    were dropped need a scan, which is ours to run.
+    """
+
+    def __init__(self, on_overflow: Callable[[], None]) -> None:
+        super().__init__()
+        self._on_overflow = on_overflow
+
+    def handle_event(self, event: InotifyEvent) -> None:
+        super().handle_event(event)
+        if event.is_queue_overflow:
+            self._on_overflow()
+
+
+class _InotifyObserver(BaseObserver):
+    """watchdog's InotifyObserver with full move events, reading through `_OverflowAwareFD`.
+
+    Full events report moves into and out of the tree as moves, not create/delete, so a file
+    moved in counts as complete at once instead of having to settle.
+    """
+
+    def __init__(self, on_overflow: Callable[[], None]) -> None:
+        self._inotify_fd = _OverflowAwareFD(on_overflow)  # one inotify instance per folder
+        self._inotify_fd.start()
+        super().__init__(InotifyFullEmitter, timeout=DEFAULT_OBSERVER_TIMEOUT,
+                         inotify_fd=self._inotify_fd)
+
+    def on_thread_stop(self) -> None:
+        super().on_thread_stop()
+        self._inotify_fd.stop()
+        self._inotify_fd.join()
 
 
 class _Handler(FileSystemEventHandler):
@@ -166,6 +226,7 @@ class FolderWatcher:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._rescan = True
+        self._polling = watch.polling  # also set when inotify's limits are reached
         # Owned by the watcher thread alone:
         self._observer: BaseObserver | None = None
         self._identity: tuple[int, int] | None = None
@@ -196,9 +257,15 @@ class FolderWatcher:
 
     def _run(self) -> None:
         next_check = 0.0
+        rescan_every = self.watch.rescan_minutes * 60
+        next_rescan = time.monotonic() + rescan_every
         while not self._stopping.is_set():
             try:
-                if self._wake.is_set() or time.monotonic() >= next_check:
+                if rescan_every and time.monotonic() >= next_rescan:
+                    log.debug("Reconciliation scan of %s", self.watch.path)
+                    self._rescan = True
+                    next_rescan = time.monotonic() + rescan_every
+                if self._wake.is_set() or self._rescan or time.monotonic() >= next_check:
                     self._wake.clear()
                     self._supervise()
                     next_check = time.monotonic() + self._check_interval
@@ -224,8 +291,15 @@ class FolderWatcher:
             self._teardown()
             try:
                 self._observer = self._start_observer()
-            except OSError as err:  # e.g. the inotify watch limit
-                self._fail(err)
+            except OSError as err:
+                if self._polling or err.errno not in INOTIFY_LIMITS:
+                    self._fail(err)
+                    return
+                log.warning("Cannot watch %s with inotify (%s): polling it instead. Raise the "
+                            "sysctl %s and restart dinowatch to use inotify again.",
+                            self.watch.path, err.strerror or err, INOTIFY_LIMITS[err.errno])
+                self._polling = True
+                self._wake.set()  # start the polling observer on the next pass
                 return
             self._identity = identity
             self._rescan = True
@@ -257,16 +331,10 @@ class FolderWatcher:
 
     def _start_observer(self) -> BaseObserver:
         observer: BaseObserver
-        if self.watch.polling:
+        if self._polling:
             observer = PollingObserver(timeout=POLL_INTERVAL)
-        elif sys.platform.startswith("linux"):
-            from watchdog.observers.inotify import InotifyObserver
-
-            # Full events report moves into and out of the tree as moves, not create/delete,
-            # so a file moved in counts as complete at once instead of having to settle.
-            observer = InotifyObserver(generate_full_events=True)
         else:
-            observer = Observer()
+            observer = _InotifyObserver(self._overflowed)
         try:
             observer.schedule(
                 _Handler(self),
@@ -278,8 +346,15 @@ class FolderWatcher:
         except BaseException:
             observer.stop()  # the inotify observer already runs a reader thread
             raise
-        log.info("Watching %s (%s)", self.watch.path, "polling" if self.watch.polling else "events")
+        log.info("Watching %s (%s)", self.watch.path, "polling" if self._polling else "events")
         return observer
+
+    def _overflowed(self) -> None:
+        """inotify's reader thread: the kernel dropped events for this folder's watches."""
+        log.warning("inotify queue overflowed on %s (fs.inotify.max_queued_events): "
+                    "rescanning it", self.watch.path)
+        self._rescan = True
+        self._wake.set()
 
     def _teardown(self) -> None:
         observer, self._observer = self._observer, None
@@ -297,12 +372,11 @@ class FolderWatcher:
             for path in scan(self.watch):
                 if self._stopping.is_set():
                     return
-                try:
-                    st = path.stat()
-                except OSError:
+                signature = _probe(path)
+                if signature is None:
                     continue  # gone since the listing
                 present.add(path)
-                fresh = time.time() - st.st_mtime < self.watch.settle_seconds
+                fresh = time.time_ns() - signature[2] < self.watch.settle_seconds * 1e9
                 with self._lock:
                     if path in self._pending:
                         continue  # being written: reported when complete
@@ -310,7 +384,7 @@ class FolderWatcher:
                         self._pending[path] = _Pending(None, time.monotonic(),
                                                        self.watch.settle_seconds)
                         continue
-                self._emit_ready(path, _signature(st), force=True)
+                self._emit_ready(path, signature, force=True)
         except OSError as err:
             self._fail(err)
             return
@@ -331,10 +405,7 @@ class FolderWatcher:
             pending = list(self._pending.items())
         for path, entry in pending:
             now = time.monotonic()
-            try:
-                signature = _signature(path.stat())
-            except OSError:
-                signature = None  # vanished: forget it (its delete event follows)
+            signature = _probe(path)  # None: vanished; its delete event follows
             with self._lock:
                 if self._pending.get(path) is not entry:
                     continue  # touched again or reported meanwhile
@@ -344,7 +415,7 @@ class FolderWatcher:
                 if signature != entry.signature:
                     entry.signature, entry.since = signature, now
                     continue
-                if now - entry.since < entry.quiet or signature[1] == 0:  # empty: not yet
+                if now - entry.since < entry.quiet:
                     continue
             self._emit_ready(path, signature)
 
@@ -392,10 +463,9 @@ class FolderWatcher:
     ) -> None:
         """Report a complete file, unless this very write was reported already."""
         if signature is None:
-            try:
-                signature = _signature(path.stat())
-            except OSError as err:
-                log.debug("Not reporting %s: %s", path, err)
+            signature = _probe(path)
+            if signature is None:
+                log.debug("Not reporting %s: gone", path)
                 return
         with self._lock:
             self._pending.pop(path, None)
