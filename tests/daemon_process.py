@@ -19,10 +19,19 @@ def write_config(path: Path, **settings: object) -> Path:
     return path
 
 
-class DaemonProcess:
-    """`python -m dinowatch.cli run -c CONFIG` with NOTIFY_SOCKET pointing at a test socket."""
+# Run as root without the capabilities that bypass file permissions, so a chmod 000 file is
+# as unreadable to the daemon as it would be to the `dinowatch` service user.
+WITHOUT_PERMISSION_OVERRIDE = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search",
+                               "--inh-caps=-all", "--"] if os.geteuid() == 0 else []
 
-    def __init__(self, config: Path, workdir: Path) -> None:
+
+class DaemonProcess:
+    """`python -m dinowatch.cli run -c CONFIG` with NOTIFY_SOCKET pointing at a test socket.
+
+    `wrapper` goes before the command (e.g. WITHOUT_PERMISSION_OVERRIDE)."""
+
+    def __init__(self, config: Path, workdir: Path, wrapper: list[str] | None = None) -> None:
+        self.wrapper = wrapper or []
         self.config = config
         self.log_path = workdir / "daemon.log"
         self.notify_path = workdir / "notify.sock"
@@ -37,8 +46,8 @@ class DaemonProcess:
         if watchdog_usec:
             env["WATCHDOG_USEC"] = str(watchdog_usec)
         self._log = self.log_path.open("ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "dinowatch.cli", "run", "-c",
-                                         str(self.config)], stdout=self._log,
+        self.process = subprocess.Popen([*self.wrapper, sys.executable, "-m", "dinowatch.cli",
+                                         "run", "-c", str(self.config)], stdout=self._log,
                                         stderr=subprocess.STDOUT, env=env)
         self.wait_notification("READY=1", ready_timeout)
 
@@ -84,6 +93,14 @@ class DaemonProcess:
                 break
         self._log.close()
         self._socket.close()
+
+    def rss_bytes(self) -> int:
+        """The daemon's resident set size now (VmRSS)."""
+        assert self.process is not None
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS for the daemon")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
