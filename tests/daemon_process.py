@@ -40,6 +40,7 @@ class DaemonProcess:
 
     def start(self, *, watchdog_usec: int | None = None, ready_timeout: float = 120) -> None:
         self.notify_path.unlink(missing_ok=True)
+        self.notifications = []  # a restart waits for its own READY=1
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._socket.bind(str(self.notify_path))
         env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), "PYTHONUNBUFFERED": "1"}

@@ -291,3 +291,15 @@ def test_writer_pausing_longer_than_settle_is_reported_only_at_close(
     assert path.stat().st_size == 2000
     time.sleep(GRACE)
     assert events.of("ready") == [path]
+
+
+def test_periodic_reconciliation_scan(tmp_path: Path, run: Callable[..., FolderWatcher]) -> None:
+    folder = tmp_path / "cam"
+    present = write(folder / "a.jpg", mtime=OLD)
+    periodic, off = Recorder(), Recorder()
+    run(settings(folder, rescan_minutes=0.01), periodic)  # every 0.6 s
+    run(settings(folder, rescan_minutes=0), off)
+    assert periodic.wait_for(lambda: len(periodic.of("scanned")) >= 3)
+    # Each scan hands every file over again; the pipeline skips what is recorded.
+    assert periodic.of("ready").count(present) >= 3
+    assert off.of("scanned") == [{present}] and off.of("ready") == [present]

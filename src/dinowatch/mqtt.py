@@ -14,6 +14,7 @@ import logging
 import os
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ WINDOW = 16                 # outbox messages handed to paho and not yet acknowl
 RECONNECT_MAX_SECONDS = 60  # paho retries after 1 s, doubling up to this (also after refusals)
 IDLE_POLL_SECONDS = 1.0     # the drain thread looks at the outbox at least this often
 DEBUG_PAYLOAD_CHARS = 200   # payloads are cut to this length in debug logs
+UNSENT_MAX = 16             # publish_now messages kept while disconnected (the latest)
 
 _WAKE, _CONNECTED, _ACK = "wake", "connected", "ack"
 
@@ -197,6 +199,7 @@ class Publisher:
         self._stop = threading.Event()
         self._drainer: threading.Thread | None = None
         self._connected = False
+        self._unsent: deque[Message] = deque(maxlen=UNSENT_MAX)
         self._last_error: str | None = None
         self._logged_error: str | None = None  # each distinct refusal/outage is logged once
         # Owned by the drain thread (and by stop() once that thread has ended):
@@ -234,14 +237,18 @@ class Publisher:
         self._events.put((_WAKE, 0, None))
 
     def publish_stats(self, payload: dict[str, Any]) -> None:
-        self.publish_now(Message(self.topics.stats, _json(payload), qos=1, retain=True))
+        if self._connected:  # else the daemon publishes fresh ones on the next connect
+            self.publish_now(Message(self.topics.stats, _json(payload), qos=1, retain=True))
 
     def publish_now(self, message: Message) -> None:
-        """Send past the outbox, if connected: for what cannot wait for, or be written to,
-        the database (retained stats, a full disk)."""
+        """Send past the outbox: for what cannot wait for, or be written to, the database
+        (retained stats, a full disk). While disconnected the latest few are kept in memory
+        and sent on the next connect."""
         if self._connected:
             self._client.publish(message.topic, message.payload, qos=message.qos,
                                  retain=message.retain)
+        else:
+            self._unsent.append(message)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop draining, publish a retained `offline`, disconnect cleanly (no Will)."""
@@ -281,6 +288,10 @@ class Publisher:
             return
         self._connected, self._last_error, self._logged_error = True, None, None
         client.publish(self.topics.status, "online", qos=1, retain=True)
+        while self._unsent:
+            message = self._unsent.popleft()
+            client.publish(message.topic, message.payload, qos=message.qos,
+                           retain=message.retain)
         log.info("connected to MQTT broker %s (MQTT %s)", self._broker, self.settings.protocol)
         self._events.put((_CONNECTED, 0, None))
 

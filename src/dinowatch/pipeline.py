@@ -443,16 +443,18 @@ class Pipeline:
         return outcome
 
     def _wait_for_space(self, err: DiskFull) -> None:
+        """Report once, then probe every SPACE_PROBE_SECONDS until a write commits again."""
         with self._space:
-            if not self.disk_full and not self.store.writable():
+            if not self.disk_full:  # else another thread waited for space while we queued
                 self.disk_full = True
                 log.error("%s: intake paused until there is room again", err)
                 self.on_disk_full(f"{err}; intake paused until there is room again")
-            while self.disk_full and not self._stopping.wait(SPACE_PROBE_SECONDS):
-                if self.store.writable():
-                    self.disk_full = False
-                    log.warning("%s has room again: intake resumed", self.store.path.parent)
-                    self.on_disk_full(None)
+                while not self._stopping.wait(SPACE_PROBE_SECONDS) and \
+                        not self.store.writable():
+                    pass
+                self.disk_full = False
+                log.warning("%s has room again: intake resumed", self.store.path.parent)
+                self.on_disk_full(None)
             self.work.pause(False)
 
 

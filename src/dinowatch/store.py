@@ -133,6 +133,7 @@ class Store:
         self._local = threading.local()
         self._ack_lock = threading.Lock()
         self._acked: list[int] = []
+        self._ack_flush_queued = False
         self._jobs: queue.Queue[tuple[Callable[[sqlite3.Connection], Any], Future] | None] = (
             queue.Queue())
         writer = self._connect()
@@ -232,11 +233,14 @@ class Store:
         try:
             if shutil.disk_usage(self.path.parent).free < RESUME_FREE_BYTES:
                 return False
-            self._write(lambda db: db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                                              ("writable", utc_now())))
+            self._write(self._probe)
         except (OSError, DiskFull, sqlite3.Error):
             return False
         return True
+
+    def _probe(self, db: sqlite3.Connection) -> None:
+        self._flush_acks(db)  # acks that a full disk refused
+        db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", ("writable", utc_now()))
 
     def ack(self, seq: int) -> None:
         """The broker has the message: drop it from the outbox (does not wait).
@@ -246,14 +250,20 @@ class Store:
         """
         with self._ack_lock:
             self._acked.append(seq)
-            if len(self._acked) > 1:
-                return  # a flush is already queued and will take this one too
+            if self._ack_flush_queued:
+                return  # the queued flush takes this one too
+            self._ack_flush_queued = True
         self._write(self._flush_acks, wait=False)
 
     def _flush_acks(self, db: sqlite3.Connection) -> None:
         with self._ack_lock:
-            seqs, self._acked = self._acked, []
-        db.executemany("DELETE FROM outbox WHERE seq = ?", [(seq,) for seq in seqs])
+            seqs, self._acked, self._ack_flush_queued = self._acked, [], False
+        try:
+            db.executemany("DELETE FROM outbox WHERE seq = ?", [(seq,) for seq in seqs])
+        except BaseException:  # e.g. a full disk: kept for the next flush, never lost
+            with self._ack_lock:
+                self._acked[:0] = seqs
+            raise
 
     def put_meta(self, key: str, value: str) -> None:
         self._write(lambda db: db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",

@@ -40,7 +40,14 @@ from watchdog.events import (
 )
 from watchdog.observers.api import DEFAULT_OBSERVER_TIMEOUT, BaseObserver
 from watchdog.observers.inotify import InotifyFullEmitter
-from watchdog.observers.inotify_c import InotifyEvent, InotifyFD
+from watchdog.observers.inotify_c import (
+    CallbackId,
+    InotifyEvent,
+    InotifyFD,
+    Mask,
+    WatchCallback,
+    WatchDescriptor,
+)
 from watchdog.observers.polling import PollingObserver
 
 from dinowatch.config import WatchSettings
@@ -157,32 +164,43 @@ class _Pending:
     quiet: float  # seconds unchanged that make it complete
 
 
-class _OverflowAwareFD(InotifyFD):
-    """watchdog's inotify reader, plus a callback when the kernel's queue overflowed.
-
-    watchdog (7.x) only logs an overflow and rebuilds its watches; the files whose events
-    were dropped need a scan, which is ours to run.
+class _ReportingFD(InotifyFD):
+    """watchdog's inotify reader, plus callbacks for the events that watchdog (7.x) only logs
+    or swallows: a kernel queue overflow (events were dropped: a scan must find the files),
+    and reaching a watch limit below the root (that sub-folder would go unwatched).
     """
 
-    def __init__(self, on_overflow: Callable[[], None]) -> None:
+    def __init__(self, on_overflow: Callable[[], None],
+                 on_limit: Callable[[OSError], None]) -> None:
         super().__init__()
         self._on_overflow = on_overflow
+        self._on_limit = on_limit
 
     def handle_event(self, event: InotifyEvent) -> None:
         super().handle_event(event)
         if event.is_queue_overflow:
             self._on_overflow()
 
+    def add_callback(self, path: bytes, mask: Mask, callback: WatchCallback,
+                     id_: CallbackId) -> WatchDescriptor:
+        try:
+            return super().add_callback(path, mask, callback, id_)
+        except OSError as err:
+            if err.errno in INOTIFY_LIMITS:
+                self._on_limit(err)
+            raise
+
 
 class _InotifyObserver(BaseObserver):
-    """watchdog's InotifyObserver with full move events, reading through `_OverflowAwareFD`.
+    """watchdog's InotifyObserver with full move events, reading through `_ReportingFD`.
 
     Full events report moves into and out of the tree as moves, not create/delete, so a file
     moved in counts as complete at once instead of having to settle.
     """
 
-    def __init__(self, on_overflow: Callable[[], None]) -> None:
-        self._inotify_fd = _OverflowAwareFD(on_overflow)  # one inotify instance per folder
+    def __init__(self, on_overflow: Callable[[], None],
+                 on_limit: Callable[[OSError], None]) -> None:
+        self._inotify_fd = _ReportingFD(on_overflow, on_limit)  # one instance per folder
         self._inotify_fd.start()
         super().__init__(InotifyFullEmitter, timeout=DEFAULT_OBSERVER_TIMEOUT,
                          inotify_fd=self._inotify_fd)
@@ -227,6 +245,7 @@ class FolderWatcher:
         self._stopping = threading.Event()
         self._rescan = True
         self._polling = watch.polling  # also set when inotify's limits are reached
+        self._inotify_limit: OSError | None = None
         # Owned by the watcher thread alone:
         self._observer: BaseObserver | None = None
         self._identity: tuple[int, int] | None = None
@@ -264,8 +283,9 @@ class FolderWatcher:
                 if rescan_every and time.monotonic() >= next_rescan:
                     log.debug("Reconciliation scan of %s", self.watch.path)
                     self._rescan = True
+                    self._wake.set()
                     next_rescan = time.monotonic() + rescan_every
-                if self._wake.is_set() or self._rescan or time.monotonic() >= next_check:
+                if self._wake.is_set() or time.monotonic() >= next_check:
                     self._wake.clear()
                     self._supervise()
                     next_check = time.monotonic() + self._check_interval
@@ -295,14 +315,12 @@ class FolderWatcher:
                 if self._polling or err.errno not in INOTIFY_LIMITS:
                     self._fail(err)
                     return
-                log.warning("Cannot watch %s with inotify (%s): polling it instead. Raise the "
-                            "sysctl %s and restart dinowatch to use inotify again.",
-                            self.watch.path, err.strerror or err, INOTIFY_LIMITS[err.errno])
-                self._polling = True
-                self._wake.set()  # start the polling observer on the next pass
-                return
+                self._inotify_limit = err  # at the root, or no instance left (EMFILE)
             self._identity = identity
             self._rescan = True
+        if self._inotify_limit is not None and not self._polling:
+            self._poll_instead(self._inotify_limit)
+            return
         if self._outage:
             self._outage = False
             log.info("Watch folder %s is available again", self.watch.path)
@@ -334,7 +352,7 @@ class FolderWatcher:
         if self._polling:
             observer = PollingObserver(timeout=POLL_INTERVAL)
         else:
-            observer = _InotifyObserver(self._overflowed)
+            observer = _InotifyObserver(self._overflowed, self._limit_reached)
         try:
             observer.schedule(
                 _Handler(self),
@@ -348,6 +366,20 @@ class FolderWatcher:
             raise
         log.info("Watching %s (%s)", self.watch.path, "polling" if self._polling else "events")
         return observer
+
+    def _poll_instead(self, err: OSError) -> None:
+        """inotify's watch or instance limit is reached: poll this folder from now on."""
+        log.warning("Cannot watch %s with inotify (%s): polling it instead. Raise the sysctl "
+                    "%s and restart dinowatch to use inotify again.", self.watch.path,
+                    err.strerror or err, INOTIFY_LIMITS.get(err.errno or 0, "fs.inotify.*"))
+        self._teardown()
+        self._polling, self._identity = True, None
+        self._wake.set()  # the next pass starts the polling observer and scans
+
+    def _limit_reached(self, err: OSError) -> None:
+        """inotify's reader (or our own thread, at start): a watch could not be added."""
+        self._inotify_limit = err
+        self._wake.set()
 
     def _overflowed(self) -> None:
         """inotify's reader thread: the kernel dropped events for this folder's watches."""
