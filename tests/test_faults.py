@@ -19,7 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from daemon_process import DaemonProcess, wait_until, write_config
 from dinowatch import DinoEmbedder
 from dinowatch.imaging import ImagingOptions
 from dinowatch.mqtt import message_id
-from dinowatch.testing import synthetic_photo
+from dinowatch.testing import synthetic_photo, write_png_header
 
 pytestmark = pytest.mark.faults
 
@@ -199,24 +198,14 @@ def test_latin1_file_names_are_stored_published_and_logged(rig: Rig) -> None:
 
 # ---- row 3: our pixel limit is the only one -------------------------------------------------
 
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG that declares width x height and holds one empty IDAT (a decompression bomb's
-    header: it must be refused before any pixel is decoded)."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(
-            ">I", zlib.crc32(kind + body))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + \
-        chunk(b"IEND", b"")
-
-
 def test_max_pixels_above_pillows_limit_decides_alone(rig: Rig) -> None:
     panorama = rig.tmp / "panorama.png"
     Image.new("L", (20_000, 10_000), 90).save(panorama, compress_level=1)  # 200 MP
     with rig.daemon(imaging={"max_pixels": 300_000_000}) as daemon:
         daemon.start()
         wide = drop(rig, "panorama.png", panorama.read_bytes())
-        bomb = drop(rig, "bomb.png", png_header_only(20_000, 16_000))  # 320 MP: over ours
+        header = write_png_header(rig.tmp / "bomb.png", 20_000, 16_000)  # 320 MP: over ours
+        bomb = drop(rig, "bomb.png", header.read_bytes())
         wait_until(lambda: rig.row(wide) and rig.row(bomb), 120, "both rows")
         assert rig.row(wide)[0] == "done", rig.row(wide)
         assert rig.row(wide)[2:4] == (20_000, 10_000)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import struct
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -114,3 +117,44 @@ def test_truncated_and_corrupt_files_name_the_file(tmp_path: Path) -> None:
     text.write_text("not a picture\n")
     with pytest.raises(UnidentifiedImageError, match=r"notes\.jpg"):
         decode(text)
+
+
+def png_with_chunk(path: Path, kind: bytes, body: bytes) -> Path:
+    """A small valid PNG with one extra ancillary chunk before its pixels."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 24), (10, 20, 30)).save(buffer, "PNG")
+    data = buffer.getvalue()
+    chunk = struct.pack(">I", len(body)) + kind + body + struct.pack(">I",
+                                                                      zlib.crc32(kind + body))
+    path.write_bytes(data[:33] + chunk + data[33:])  # after the 8-byte signature and IHDR
+    return path
+
+
+def test_metadata_limits_follow_max_pixels(tmp_path: Path) -> None:
+    # A 4 MB XMP packet (Lightroom keeps history there): Pillow alone refuses over 1 MiB.
+    xmp = b"XML:com.adobe.xmp\0\0\0\0\0" + np.random.default_rng(1).bytes(4 << 20)
+    big_metadata = png_with_chunk(tmp_path / "xmp.png", b"iTXt", xmp)
+    assert decode(big_metadata).image.size == (32, 24)
+    # A zTXt bomb: 1 KB that inflates past the budget of one byte per allowed pixel.
+    bomb = png_with_chunk(tmp_path / "bomb.png", b"zTXt",
+                          b"Comment\0\0" + zlib.compress(bytes(2_000_001)))
+    with pytest.raises(ImageError, match=r"bomb\.png: cannot decode \(ValueError"):
+        decode(bomb, ImagingOptions(max_pixels=2_000_000))
+    assert decode(bomb, ImagingOptions(max_pixels=3_000_000)).image.size == (32, 24)
+
+
+def test_malformed_exif_does_not_cost_the_image(tmp_path: Path) -> None:
+    """XResolution as a signed rational -1/0 next to Orientation 6: Pillow's exif_transpose
+    raises struct.error while rewriting the EXIF; the pixels are fine."""
+    entries = struct.pack("<HHI", 0x0112, 3, 1) + struct.pack("<HH", 6, 0) + \
+        struct.pack("<HHI", 0x011A, 10, 1) + struct.pack("<I", 8 + 2 + 24 + 4)
+    exif = b"Exif\0\0II*\0" + struct.pack("<IH", 8, 2) + entries + struct.pack("<Iii", 0, -1, 0)
+    path = tmp_path / "exif.jpg"
+    synthetic_photo(64, 48, seed=2).save(path, quality=95, exif=exif)
+    decoded = decode(path, ImagingOptions(exif_transpose=True))
+    assert decoded.image.size == (48, 64) and (decoded.width, decoded.height) == (48, 64)
+    for orientation in (0, 9, 65535):  # out of range: shown as stored
+        odd = tmp_path / f"odd{orientation}.jpg"
+        synthetic_photo(64, 48, seed=2).save(odd, exif=exif.replace(
+            struct.pack("<HH", 6, 0), struct.pack("<HH", orientation, 0)))
+        assert decode(odd, ImagingOptions(exif_transpose=True)).image.size == (64, 48)

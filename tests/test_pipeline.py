@@ -194,3 +194,37 @@ def test_a_store_failure_costs_one_image_not_the_worker(embedder: CountingEmbedd
     assert all(store.image(str(p)).status == "done" for p in paths if p != paths[1])
     assert pipeline.stop(timeout=10)
     store.close()
+
+
+def test_a_file_larger_than_any_image_within_the_limit_is_refused_unread(
+        tiny_model: Path, store: Store, tmp_path: Path) -> None:
+    embedder = DinoEmbedder(tiny_model, imaging=ImagingOptions(max_pixels=1_000))
+    pipeline = Pipeline(embedder, store, TopicMessages())
+    pipeline.start()
+    huge = tmp_path / "huge.jpg"
+    with huge.open("wb") as file:  # sparse: 200 MB that cost no disk and are never read
+        file.truncate(200 << 20)
+    run(pipeline, huge)
+    assert pipeline.stop(timeout=10)
+    record = store.image(str(huge))
+    assert record.status == "failed" and record.error.startswith("ImageTooLarge: ")
+    assert "209,715,200 bytes" in record.error and "imaging.max_pixels" in record.error
+    assert outbox(store) == [("error", f"{huge}|ImageTooLarge")]
+
+
+def test_a_deleted_file_ends_deleted_and_is_withdrawn_once(pipeline: Pipeline, store: Store,
+                                                          tmp_path: Path) -> None:
+    kept, removed = photos(tmp_path, 2)
+    run(pipeline, kept, removed)
+    removed.unlink()
+    for path in (kept, removed):  # the watcher's word is checked: `kept` is still there
+        pipeline.submit(path, "cam", gone=True)
+    pipeline.submit(removed, "cam", gone=True)
+    run(pipeline)
+    assert store.image(str(kept)).status == "done"
+    assert store.image(str(removed)).status == "deleted"
+    assert outbox(store).count(("deleted", str(removed))) == 1
+    never = tmp_path / "never-read.jpg"  # gone before it was read: a visible end all the same
+    run(pipeline, never)
+    assert store.image(str(never)).status == "deleted"
+    assert store.counts() == {"done": 1, "failed": 0, "deleted": 2}
