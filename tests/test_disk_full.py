@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from daemon_process import DaemonProcess, wait_until, write_config
-from dinowatch.pipeline import SPACE_PROBE_SECONDS
+from dinowatch.pipeline import STORE_PROBE_SECONDS
 from dinowatch.store import RESUME_FREE_BYTES
 from dinowatch.testing import synthetic_photo
 
@@ -180,9 +180,9 @@ def test_full_data_dir_pauses_intake_reports_once_and_resumes(
         reported_after = time.monotonic() - filled_at
         [disk_error] = payloads(subscriber.messages, "error")
         assert disk_error["error"] == "DiskFull", disk_error
-        assert disk_error["path"] == str(data), disk_error
+        assert disk_error["path"] == str(data / "dinowatch.db"), disk_error
         assert disk_error["message"], disk_error
-        time.sleep(SPACE_PROBE_SECONDS + 2)  # at least one probe of the still-full disk
+        time.sleep(STORE_PROBE_SECONDS + 2)  # at least one probe of the still-full disk
         assert payloads(subscriber.messages, "error") == [disk_error], (
             "the full disk must be reported exactly once")
 

@@ -369,9 +369,60 @@ def test_inotify_watch_limit_falls_back_to_polling(rig: Rig) -> None:
             path = drop(rig, "sub07/late.jpg", jpeg(51))
             wait_until(lambda: rig.row(path) is not None, 30, "a row for the dropped file")
             assert rig.row(path)[0] == "done"
+            # Polled now: a file rewritten in place settles in settle_seconds, not in the
+            # 60 s that inotify mode allows a writer that has not closed its file yet.
+            newer = jpeg(52)
+            with path.open("r+b") as file:
+                file.write(newer)
+                file.truncate()
+            digest = hashlib.sha256(newer).hexdigest()
+            wait_until(lambda: rig.row(path)[1] == digest, 15, "the rewritten file embedded")
             log = daemon.log()
             assert daemon.stop() == 0
     finally:
         WATCHES_SYSCTL.write_text(original)
     [line] = [line for line in log.splitlines() if "polling it instead" in line]
     assert "fs.inotify.max_user_watches" in line and str(rig.inbox) in line
+
+
+# ---- an unmounted drive is not a mass deletion ----------------------------------------------
+
+def test_an_unmounted_drive_is_not_reported_as_deleted(rig: Rig) -> None:
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(rig.inbox)],
+                             capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        with rig.daemon() as daemon:
+            daemon.start()
+            paths = [rig.inbox / f"card{i}.jpg" for i in range(3)]
+            for i, path in enumerate(paths):  # a card reader: written in place, then closed
+                path.write_bytes(jpeg(60 + i))
+            wait_until(lambda: all((rig.row(p) or ("",))[0] == "done" for p in paths), 30,
+                       "three rows done")
+            subprocess.run(["umount", "-l", str(rig.inbox)], check=True)
+            wait_until(lambda: "an unmounted drive?" in daemon.log(), 20, "the warning")
+            time.sleep(1)
+            assert [rig.row(p)[0] for p in paths] == ["done"] * 3
+            assert rig.payloads("deleted") == []
+            assert daemon.stop() == 0
+    finally:
+        subprocess.run(["umount", "-l", str(rig.inbox)], capture_output=True, check=False)
+
+
+def test_a_folder_name_that_is_not_utf8_names_the_source(tmp_path: Path,
+                                                          tiny_model: Path) -> None:
+    folder = Path(os.fsdecode(os.fsencode(tmp_path) + b"/r\xe9sum\xe9s"))
+    folder.mkdir()
+    synthetic_photo(160, 120, seed=70).save(folder / "a.jpg")
+    config = write_config(tmp_path / "config.yaml", data_dir=str(tmp_path / "data"),
+                          model={"path": str(tiny_model)}, watch=[{"path": str(tmp_path)}],
+                          mqtt=None)
+    index = subprocess.run([sys.executable, "-m", "dinowatch.cli", "index", os.fsencode(folder),
+                            "-c", str(config)], capture_output=True, text=True, timeout=120,
+                           check=False)
+    assert index.returncode == 0, index.stderr
+    assert "1 files: 1 recorded" in index.stdout
+    with sqlite3.connect(tmp_path / "data" / "dinowatch.db") as db:
+        assert db.execute("SELECT source, status FROM images").fetchall() == [
+            ("r\\xe9sum\\xe9s", "done")]

@@ -141,6 +141,9 @@ def test_metadata_limits_follow_max_pixels(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match=r"bomb\.png: cannot decode \(ValueError"):
         decode(bomb, ImagingOptions(max_pixels=2_000_000))
     assert decode(bomb, ImagingOptions(max_pixels=3_000_000)).image.size == (32, 24)
+    # Never below Pillow's own allowance: 800 KB of XMP under a small pixel limit.
+    modest = png_with_chunk(tmp_path / "modest.png", b"iTXt", xmp[:800_000])
+    assert decode(modest, ImagingOptions(max_pixels=500_000)).image.size == (32, 24)
 
 
 def test_malformed_exif_does_not_cost_the_image(tmp_path: Path) -> None:

@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 
 from dinowatch import DinoEmbedder
+from dinowatch import pipeline as pipeline_module
+from dinowatch import store as store_module
 from dinowatch.imaging import ImagingOptions
 from dinowatch.pipeline import Messages, Pipeline
 from dinowatch.store import ImageRecord, Message, Store
-from dinowatch.testing import synthetic_photo
+from dinowatch.testing import synthetic_photo, write_model
 
 
 class TopicMessages(Messages):
@@ -228,3 +230,72 @@ def test_a_deleted_file_ends_deleted_and_is_withdrawn_once(pipeline: Pipeline, s
     run(pipeline, never)
     assert store.image(str(never)).status == "deleted"
     assert store.counts() == {"done": 1, "failed": 0, "deleted": 2}
+
+
+def test_another_model_embeds_and_publishes_again(tiny_model: Path, store: Store,
+                                                 tmp_path: Path) -> None:
+    paths = photos(tmp_path / "in", 2)
+    for model in (tiny_model, write_model(tmp_path / "other.onnx", "tiny", seed=7)):
+        embedder = DinoEmbedder(model)
+        pipeline = Pipeline(embedder, store, TopicMessages())
+        pipeline.start()
+        run(pipeline, *paths)
+        assert pipeline.stop(timeout=10)
+        for path in paths:  # every row has a vector under the model that made it
+            record = store.image(str(path))
+            assert record.model == embedder.model_sha256
+            assert store.known(record.sha256, embedder.model_sha256) is not None
+    # Same pictures, new vectors: published again, and nothing withdrawn.
+    assert sorted(outbox(store)) == sorted(2 * [("embedding", str(p)) for p in paths])
+
+
+def test_the_same_bytes_later_elsewhere_keep_their_size(pipeline: Pipeline, store: Store,
+                                                        tmp_path: Path) -> None:
+    [first] = photos(tmp_path / "a", 1)
+    run(pipeline, first)
+    moved = tmp_path / "b" / "moved.jpg"
+    moved.parent.mkdir()
+    first.rename(moved)
+    pipeline.submit(first, "cam", gone=True)
+    run(pipeline, moved)
+    record = store.image(str(moved))
+    assert (record.status, record.width, record.height) == ("done", 320, 240)
+
+
+def test_a_recorded_file_that_turns_bad_is_withdrawn(pipeline: Pipeline, store: Store,
+                                                     tmp_path: Path) -> None:
+    [path] = photos(tmp_path, 1)
+    run(pipeline, path)
+    path.write_bytes(path.read_bytes()[:500])  # overwritten by a truncated copy
+    run(pipeline, path)
+    assert store.image(str(path)).status == "failed"
+    assert outbox(store) == [("embedding", str(path)), ("error", f"{path}|ImageError"),
+                             ("deleted", str(path))]
+
+
+def test_a_database_locked_elsewhere_pauses_intake_and_fails_nothing(
+        embedder: CountingEmbedder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_SECONDS", 0.3)
+    monkeypatch.setattr(pipeline_module, "STORE_PROBE_SECONDS", 0.2)
+    store = Store(tmp_path / "locked.db")
+    pauses: list[str | None] = []
+    pipeline = Pipeline(embedder, store, TopicMessages(),
+                        on_paused=lambda error: pauses.append(error and type(error).__name__))
+    pipeline.start()
+    other = sqlite3.connect(tmp_path / "locked.db", isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # e.g. a backup tool or the sqlite3 shell
+    paths = photos(tmp_path / "in", 3)
+    for path in paths:
+        pipeline.submit(path, "cam")
+    deadline = time.monotonic() + 10
+    while pipeline.paused is None:
+        assert time.monotonic() < deadline, "intake did not pause"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    other.execute("COMMIT")
+    other.close()
+    run(pipeline)
+    assert pipeline.stop(timeout=10)
+    assert [store.image(str(p)).status for p in paths] == ["done"] * 3
+    assert pauses == ["StoreBusy", None] and pipeline.failed == 0
+    store.close()

@@ -37,7 +37,7 @@ class Recorder:
 
     def file_ready(self, path: Path, watch: WatchSettings) -> None:
         self.ready_times.append(time.monotonic())
-        self.ready_sizes.append(path.stat().st_size)
+        self.ready_sizes.append(path.lstat().st_size)
         self._add("ready", path)
 
     def file_deleted(self, path: Path, watch: WatchSettings) -> None:
@@ -303,3 +303,20 @@ def test_periodic_reconciliation_scan(tmp_path: Path, run: Callable[..., FolderW
     # Each scan hands every file over again; the pipeline skips what is recorded.
     assert periodic.of("ready").count(present) >= 3
     assert off.of("scanned") == [{present}] and off.of("ready") == [present]
+
+
+def test_polling_follows_no_symlinked_folder_and_reports_broken_links(
+        tmp_path: Path, run: Callable[..., FolderWatcher]) -> None:
+    folder = tmp_path / "share"
+    folder.mkdir()
+    (folder / "loop").symlink_to(".")  # a link back up: followed, it never ends
+    (folder / "elsewhere").symlink_to(tmp_path.parent)
+    events = Recorder()
+    run(settings(folder, polling=True, settle_seconds=0.2), events)
+    assert events.wait_for(lambda: bool(events.of("scanned")))
+    photo = write(folder / "a.jpg")
+    dangling = folder / "gone.jpg"
+    dangling.symlink_to(folder / "nothing-here.jpg")
+    assert events.wait_for(lambda: {photo, dangling} <= set(events.of("ready")))
+    time.sleep(GRACE)
+    assert sorted(events.of("ready")) == sorted([photo, dangling])  # once each, no loop/…

@@ -88,7 +88,7 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
     store = open_store(settings)
     pipeline = Pipeline(embedder, store, build_messages(settings, embedder),
                         normalize=settings.model.normalize,
-                        on_disk_full=_report_disk_full)
+                        on_paused=_report_pause)
     pipeline.start()
     files = 0
     for folder in args.dirs:
@@ -112,9 +112,9 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_FAILURE if done[FAILED] else EXIT_OK
 
 
-def _report_disk_full(message: str | None) -> None:
-    if message is not None:
-        _fail(message)
+def _report_pause(error: Exception | None) -> None:
+    if error is not None:
+        _fail(f"{error}; waiting until the database takes writes again")
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:

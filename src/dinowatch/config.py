@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dinowatch.backends import BackendConfig, OnnxBackendConfig
-from dinowatch.errors import DinowatchError
+from dinowatch.errors import DinowatchError, readable
 from dinowatch.imaging import DEFAULT_MAX_PIXELS
 
 DEFAULT_CONFIG_PATH = Path("/etc/dinowatch/config.yaml")
@@ -73,7 +73,8 @@ class WatchSettings(Section):
 
     @property
     def source_name(self) -> str:
-        return self.source or self.path.name
+        """The name in payloads: valid UTF-8 even when the folder's name is not."""
+        return self.source or readable(self.path.name)
 
 
 class DuplicateSettings(Section):

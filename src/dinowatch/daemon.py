@@ -27,7 +27,7 @@ from dinowatch.mqtt import (
     error_message,
 )
 from dinowatch.pipeline import DELETED, Messages, Pipeline
-from dinowatch.store import ImageRecord, Message, Store
+from dinowatch.store import DiskFull, ImageRecord, Message, Store, StoreUnavailable
 from dinowatch.watch import FolderWatcher
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,15 @@ class Daemon:
     def folder_scanned(self, watch: WatchSettings, present: set[Path]) -> None:
         # The pipeline ends a row `deleted` only if its file is really gone: the scan skips
         # excluded or unreadable sub-folders, and files may have arrived since the listing.
-        for path in sorted(self.store.live_paths(watch.path) - {str(p) for p in present}):
+        recorded = self.store.live_paths(watch.path)
+        if recorded and not present:
+            # An unmounted drive or a dropped share leaves an empty mount point: withdrawing
+            # every picture (and re-publishing all of them when it returns) would be wrong.
+            # Files deleted one by one are still seen through their events.
+            log.warning("%s is empty but %d files are recorded below it: an unmounted drive? "
+                        "Not marking them deleted.", watch.path, len(recorded))
+            return
+        for path in sorted(recorded - {str(p) for p in present}):
             self.pipeline.submit(Path(path), watch.source_name, gone=True)
 
     def folder_error(self, watch: WatchSettings, message: str) -> None:
@@ -135,11 +143,13 @@ class Daemon:
             self.store.enqueue(self.messages.error(str(watch.path), "OSError", message))
             self.publisher_wake()
 
-    def disk_full(self, message: str | None) -> None:
-        """Pipeline: the store's disk is full (message) or has room again (None). The outbox
-        lives on that disk, so the report goes to the broker directly."""
-        if message is not None and self.messages is not None and self.publisher is not None:
-            for report in self.messages.error(str(self.settings.data_dir), "DiskFull", message):
+    def paused(self, error: StoreUnavailable | None) -> None:
+        """Pipeline: the store takes no writes (error) or takes them again (None). The outbox
+        is in that store, so the report goes to the broker directly."""
+        if error is not None and self.messages is not None and self.publisher is not None:
+            message = f"{error}; intake paused until the database takes writes again"
+            for report in self.messages.error(str(self.store.path), type(error).__name__,
+                                              message):
                 self.publisher.publish_now(report)
         self._publish_stats()
 
@@ -158,7 +168,7 @@ class Daemon:
                           if settings.mqtt else None)
         self.pipeline = Pipeline(self.embedder, self.store, self.messages,
                                  normalize=settings.model.normalize,
-                                 on_recorded=self.publisher_wake, on_disk_full=self.disk_full)
+                                 on_recorded=self.publisher_wake, on_paused=self.paused)
         self.pipeline.start()
         if self.publisher:
             self.publisher.start()
@@ -255,7 +265,7 @@ class Daemon:
             "failed": self.pipeline.failed,
             "deleted": self.pipeline.outcomes[DELETED],
             "queue": self.pipeline.queued,
-            "disk_full": self.pipeline.disk_full,
+            "disk_full": isinstance(self.pipeline.paused, DiskFull),
             "outbox": self.store.outbox_depth(),
             "images/s": round(self.pipeline.rate(), 3),
             "uptime": round(time.monotonic() - self._started),
@@ -264,7 +274,7 @@ class Daemon:
 
     def _publish_stats(self) -> None:
         stats = self.stats()
-        if not self.pipeline.disk_full:  # no room for it then; `status` checks the disk itself
+        if self.pipeline.paused is None:  # no writes then; `status` checks the disk itself
             self.store.put_meta("stats", json.dumps(stats))
         if self.publisher:
             self.publisher.publish_stats(stats)

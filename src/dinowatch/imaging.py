@@ -14,6 +14,11 @@ from PIL import ExifTags, Image, PngImagePlugin, UnidentifiedImageError
 from dinowatch.errors import DinowatchError, readable
 
 pillow_heif.register_heif_opener()
+# Our own pixel limit replaces this warning with an error naming the file. Set once here:
+# warnings.catch_warnings() is not thread-safe, and two decoders run at once.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+PILLOW_TEXT_CHUNK = PngImagePlugin.MAX_TEXT_CHUNK
+PILLOW_TEXT_MEMORY = PngImagePlugin.MAX_TEXT_MEMORY
 
 log = logging.getLogger(__name__)
 
@@ -82,31 +87,29 @@ def decode(source: str | Path | BinaryIO, options: ImagingOptions = ImagingOptio
     label = readable(name or (str(source) if isinstance(source, str | Path) else "<image>"))
     _follow_limits(options.max_pixels)
     try:
-        with warnings.catch_warnings():
-            # Our own pixel limit below replaces PIL's warning with an error naming the file.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(source) as opened:
-                image: Image.Image = opened
-                _check_pixels(label, image.size, options.max_pixels)
-                width, height = image.size  # the file's own size, not a draft's
-                if options.fast_jpeg and image.format == "JPEG":
-                    image.draft("RGB", (DRAFT_FACTOR * draft_size, DRAFT_FACTOR * draft_size))
-                image.load()
-                _check_pixels(label, image.size, options.max_pixels)  # some formats resize
-                transpose = ORIENTATIONS.get(_orientation(image, label)) \
-                    if options.exif_transpose else None
-                if transpose is not None:
-                    image = image.transpose(transpose)
-                    if transpose in SWAPPING:
-                        width, height = height, width
-                rgb = to_rgb(image)
+        with Image.open(source) as opened:
+            image: Image.Image = opened
+            _check_pixels(label, image.size, options.max_pixels)
+            width, height = image.size  # the file's own size, not a draft's
+            if options.fast_jpeg and image.format == "JPEG":
+                image.draft("RGB", (DRAFT_FACTOR * draft_size, DRAFT_FACTOR * draft_size))
+            image.load()
+            _check_pixels(label, image.size, options.max_pixels)  # some formats resize
+            transpose = ORIENTATIONS.get(_orientation(image, label)) \
+                if options.exif_transpose else None
+            if transpose is not None:
+                image = image.transpose(transpose)
+                if transpose in SWAPPING:
+                    width, height = height, width
+            rgb = to_rgb(image)
     except (FileNotFoundError, ImageError):
         raise
     except UnidentifiedImageError as err:  # Pillow's message names a buffer, not the file
         raise UnidentifiedImageError(f"{label}: not an image, or not in a format dinowatch "
                                      "reads") from err
-    except Image.DecompressionBombError as err:
-        raise ImageTooLarge(f"{label}: {err}") from err
+    except Image.DecompressionBombError as err:  # over twice our limit, found by Pillow
+        raise ImageTooLarge(f"{label}: over the limit of {options.max_pixels:,} pixels "
+                            f"(imaging.max_pixels): {err}") from err
     except IsADirectoryError as err:
         raise ImageError(f"{label}: is a directory, not an image") from err
     except PermissionError as err:
@@ -121,10 +124,12 @@ def _follow_limits(max_pixels: int) -> None:
 
     Pillow refuses images over 2 x MAX_IMAGE_PIXELS (~179 MP by default) before we see their
     size, and PNG text or ICC chunks over MAX_TEXT_CHUNK (1 MiB) however valid the image.
-    Our pixel check runs first; metadata may use up to one byte per allowed pixel.
+    Our pixel check runs first; metadata may use up to one byte per allowed pixel, and never
+    less than Pillow allows by default.
     """
     Image.MAX_IMAGE_PIXELS = max_pixels
-    PngImagePlugin.MAX_TEXT_CHUNK = PngImagePlugin.MAX_TEXT_MEMORY = max_pixels
+    PngImagePlugin.MAX_TEXT_CHUNK = max(PILLOW_TEXT_CHUNK, max_pixels)
+    PngImagePlugin.MAX_TEXT_MEMORY = max(PILLOW_TEXT_MEMORY, max_pixels)
 
 
 def _check_pixels(label: str, size: tuple[int, int], max_pixels: int) -> None:

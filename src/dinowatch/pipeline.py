@@ -32,7 +32,7 @@ import numpy as np
 from dinowatch.embedder import DinoEmbedder, Prepared
 from dinowatch.errors import readable
 from dinowatch.imaging import ImageError, ImageTooLarge
-from dinowatch.store import DiskFull, ImageRecord, Message, Store
+from dinowatch.store import ImageRecord, Message, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ PREPARED_QUEUE = 8  # decoded tensors waiting for inference (600 KB each)
 RATE_WINDOW_SECONDS = 60.0
 READ_ATTEMPTS = 5  # reads of a file that keeps changing before it goes to the back of the queue
 REREAD_PAUSE = 0.1  # seconds, times the attempt number
-SPACE_PROBE_SECONDS = 5.0  # while the disk is full: how often to try a write again
+STORE_PROBE_SECONDS = 5.0  # while the store takes no writes: how often to try one again
 # O_NONBLOCK: opening a FIFO must not wait for a writer; it changes nothing for regular files.
 OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 
@@ -138,20 +138,20 @@ class WorkQueue:
 class Pipeline:
     """Embeds every submitted file once and records it; see the module docstring.
 
-    `on_disk_full(message)` is called when the store's disk fills up (intake pauses) and
-    `on_disk_full(None)` when writes succeed again (intake resumes).
+    `on_paused(error)` is called when the store stops taking writes (a full disk, a lock held
+    by another process: intake pauses) and `on_paused(None)` when it takes them again.
     """
 
     def __init__(self, embedder: DinoEmbedder, store: Store, messages: Messages | None = None,
                  *, normalize: bool = True, on_recorded: Callable[[], None] = lambda: None,
-                 on_disk_full: Callable[[str | None], None] = lambda message: None,
+                 on_paused: Callable[[StoreUnavailable | None], None] = lambda error: None,
                  decode_workers: int = DECODE_WORKERS) -> None:
         self.embedder = embedder
         self.store = store
         self.messages = messages or Messages()
         self.normalize = normalize
         self.on_recorded = on_recorded
-        self.on_disk_full = on_disk_full
+        self.on_paused = on_paused
         self.model_key = embedder.model_sha256
         self.work = WorkQueue()
         self._prepared: queue.Queue[Decoded | None] = queue.Queue(PREPARED_QUEUE)
@@ -160,11 +160,12 @@ class Pipeline:
         self._inference = threading.Thread(target=self._infer_loop, name="inference",
                                            daemon=True)
         self._lock = threading.Lock()
-        self._space = threading.Lock()  # one thread waits for disk space, the rest queue here
+        self._store_outage = threading.Lock()  # one thread waits it out, the rest queue here
+        self._outages = 0  # store outages over so far
         self._stopping = threading.Event()
         self._completed: deque[float] = deque()
         self.outcomes: Counter[str] = Counter()
-        self.disk_full = False
+        self.paused: StoreUnavailable | None = None  # why intake is paused, if it is
         self._submitted = 0
         self._finished = 0
 
@@ -391,9 +392,10 @@ class Pipeline:
                              width=width, height=height, model=self.model_key)
         messages: list[Message] = []
         if previous is not None and previous.status == "done":
-            if previous.sha256 == sha256:  # touched, same bytes: consumers have it already
+            if previous.sha256 != sha256:
+                messages += self.messages.deleted(previous)  # the old picture is gone
+            elif previous.model == self.model_key:  # touched, same bytes: consumers have it
                 return self._commit(job, record, None, [], RECORDED)
-            messages += self.messages.deleted(previous)  # the old picture is gone
         messages += self.messages.embedding(record, vector)
         return self._commit(job, record, vector if new_vector else None, messages, RECORDED)
 
@@ -412,8 +414,10 @@ class Pipeline:
                              sha256=sha256, error=f"{kind}: {message}", model=self.model_key)
         if previous == replace(record, source=previous.source if previous else ""):
             return UNCHANGED  # failed the same way before, already reported
-        return self._commit(job, record, None,
-                            self.messages.error(str(job.path), kind, message), FAILED)
+        messages = self.messages.error(str(job.path), kind, message)
+        if previous is not None and previous.status == "done":
+            messages += self.messages.deleted(previous)  # the picture consumers had is gone
+        return self._commit(job, record, None, messages, FAILED)
 
     def _record_deleted(self, job: Job, previous: ImageRecord | None) -> str:
         """The row ends `deleted`; consumers hear of it if they had its embedding."""
@@ -429,32 +433,39 @@ class Pipeline:
 
     def _commit(self, job: Job, record: ImageRecord, vector: np.ndarray | None,
                 messages: list[Message], outcome: str) -> str:
-        """Store the row, vector and messages in one transaction; on a full disk, pause
-        intake, wait for space and put the job back (nothing is marked failed for it)."""
+        """Store the row, vector and messages in one transaction. When the store cannot take
+        a write now (a full disk, a lock held elsewhere), pause intake, wait until it can and
+        put the job back: nothing is marked failed for it."""
+        outage = self._outages
         try:
             self.store.record(record, vector, messages)
-        except DiskFull as err:
+        except StoreUnavailable as err:
             self.work.pause()
             self._queue(job, front=True)
-            self._wait_for_space(err)
+            self._wait_for_store(err, outage)
             return REQUEUED
         if messages:
             self.on_recorded()
         return outcome
 
-    def _wait_for_space(self, err: DiskFull) -> None:
-        """Report once, then probe every SPACE_PROBE_SECONDS until a write commits again."""
-        with self._space:
-            if not self.disk_full:  # else another thread waited for space while we queued
-                self.disk_full = True
-                log.error("%s: intake paused until there is room again", err)
-                self.on_disk_full(f"{err}; intake paused until there is room again")
-                while not self._stopping.wait(SPACE_PROBE_SECONDS) and \
-                        not self.store.writable():
-                    pass
-                self.disk_full = False
-                log.warning("%s has room again: intake resumed", self.store.path.parent)
-                self.on_disk_full(None)
+    def _wait_for_store(self, err: StoreUnavailable, outage: int) -> None:
+        """Report once, then probe every STORE_PROBE_SECONDS until a write commits again.
+
+        `outage` counts the outages already over when this thread's write began: if one
+        ended meanwhile, this failure belonged to it and the job is simply tried again.
+        """
+        with self._store_outage:
+            if outage == self._outages:
+                self.paused = err
+                log.error("%s: intake paused until the database takes writes again", err)
+                self.on_paused(err)
+                while not self._stopping.wait(STORE_PROBE_SECONDS):
+                    if self.store.writable():
+                        self._outages += 1
+                        self.paused = None
+                        log.warning("%s takes writes again: intake resumed", self.store.path)
+                        self.on_paused(None)
+                        break
             self.work.pause(False)
 
 

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RESUME_FREE_BYTES = 1 << 20  # after the disk was full, writes resume once this much is free
+BUSY_TIMEOUT_SECONDS = 30.0  # how long a write waits for a lock another process holds
 
 # Each migration moves the schema one version up; never edit one that has shipped.
 MIGRATIONS = [
@@ -71,8 +72,16 @@ class StoreError(DinowatchError):
     """The database cannot be opened or is newer than this dinowatch."""
 
 
-class DiskFull(StoreError):
+class StoreUnavailable(StoreError):
+    """A write could not be done now, through no fault of the data: retry it later."""
+
+
+class DiskFull(StoreUnavailable):
     """The filesystem holding the database has no room for this write (SQLITE_FULL)."""
+
+
+class StoreBusy(StoreUnavailable):
+    """Another process held the database locked for longer than the busy timeout."""
 
 
 def path_key(path: str) -> str | bytes:
@@ -145,7 +154,8 @@ class Store:
     # -- plumbing -------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
         try:
-            connection = sqlite3.connect(self.path, timeout=30, isolation_level=None,
+            connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS,
+                                         isolation_level=None,
                                          check_same_thread=False)
             connection.execute("PRAGMA journal_mode=WAL")
             # FULL: a commit survives a power cut, which the outbox's promise depends on.
@@ -174,9 +184,7 @@ class Store:
             except BaseException as err:  # the caller gets it through the future
                 if connection.in_transaction:
                     connection.execute("ROLLBACK")
-                if getattr(err, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
-                    err = DiskFull(f"{self.path}: the disk is full ({err})")
-                future.set_exception(err)
+                future.set_exception(_unavailable(self.path, err) or err)
             else:
                 future.set_result(result)
         connection.close()
@@ -234,7 +242,7 @@ class Store:
             if shutil.disk_usage(self.path.parent).free < RESUME_FREE_BYTES:
                 return False
             self._write(self._probe)
-        except (OSError, DiskFull, sqlite3.Error):
+        except (OSError, StoreError, sqlite3.Error):
             return False
         return True
 
@@ -280,7 +288,7 @@ class Store:
         """The stored vector (and picture size) for these bytes under this model, if any."""
         row = self._reader.execute(
             "SELECT v.vector, i.width, i.height FROM vectors v LEFT JOIN images i "
-            "ON i.sha256 = v.sha256 AND i.model = v.model AND i.status = 'done' "
+            "ON i.sha256 = v.sha256 AND i.model = v.model AND i.width IS NOT NULL "
             "WHERE v.sha256 = ? AND v.model = ? "
             "LIMIT 1", (sha256, model)).fetchone()
         if row is None:
@@ -318,6 +326,16 @@ class Store:
     def meta(self, key: str) -> str | None:
         row = self._reader.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
+
+
+def _unavailable(path: Path, err: BaseException) -> StoreUnavailable | None:
+    """SQLite's transient failures as our own errors (primary result codes, sqlite.org/rescode)."""
+    code = getattr(err, "sqlite_errorcode", 0) & 0xFF
+    if code == sqlite3.SQLITE_FULL:
+        return DiskFull(f"{path}: the disk is full ({err})")
+    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return StoreBusy(f"{path}: locked by another process ({err})")
+    return None
 
 
 def _log_failure(future: Future) -> None:

@@ -48,7 +48,7 @@ from watchdog.observers.inotify_c import (
     WatchCallback,
     WatchDescriptor,
 )
-from watchdog.observers.polling import PollingObserver
+from watchdog.observers.polling import PollingObserverVFS
 
 from dinowatch.config import WatchSettings
 
@@ -234,10 +234,6 @@ class FolderWatcher:
         self._events = events
         self._check_interval = check_interval
         self._tick = max(MIN_SETTLE_TICK, min(SETTLE_TICK, watch.settle_seconds / 4))
-        # inotify reports the writer's close, so for files being written quiet is only a
-        # fallback there (a slow upload may pause longer than settle_seconds, still open).
-        self._event_quiet = (watch.settle_seconds if watch.polling
-                             else max(watch.settle_seconds, INOTIFY_QUIET_SECONDS))
         self._lock = threading.Lock()  # guards _pending and _reported (observer vs own thread)
         self._pending: dict[Path, _Pending] = {}
         self._reported: OrderedDict[Path, Signature] = OrderedDict()
@@ -350,7 +346,9 @@ class FolderWatcher:
     def _start_observer(self) -> BaseObserver:
         observer: BaseObserver
         if self._polling:
-            observer = PollingObserver(timeout=POLL_INTERVAL)
+            # lstat: symlinked folders are not followed (they could loop, or lead anywhere),
+            # and a broken or looping link is still seen, as a file to report.
+            observer = PollingObserverVFS(os.lstat, os.scandir, polling_interval=POLL_INTERVAL)
         else:
             observer = _InotifyObserver(self._overflowed, self._limit_reached)
         try:
@@ -367,6 +365,14 @@ class FolderWatcher:
         log.info("Watching %s (%s)", self.watch.path, "polling" if self._polling else "events")
         return observer
 
+    @property
+    def _write_quiet(self) -> float:
+        """Seconds a file being written must stay unchanged to count as complete. inotify
+        reports the writer's close, so there quiet is only a fallback (a slow upload may
+        pause longer than settle_seconds, still open); polling has nothing else."""
+        return (self.watch.settle_seconds if self._polling
+                else max(self.watch.settle_seconds, INOTIFY_QUIET_SECONDS))
+
     def _poll_instead(self, err: OSError) -> None:
         """inotify's watch or instance limit is reached: poll this folder from now on."""
         log.warning("Cannot watch %s with inotify (%s): polling it instead. Raise the sysctl "
@@ -374,6 +380,9 @@ class FolderWatcher:
                     err.strerror or err, INOTIFY_LIMITS.get(err.errno or 0, "fs.inotify.*"))
         self._teardown()
         self._polling, self._identity = True, None
+        with self._lock:  # files waiting for inotify's close would wait for 60 s
+            for entry in self._pending.values():
+                entry.quiet = min(entry.quiet, self._write_quiet)
         self._wake.set()  # the next pass starts the polling observer and scans
 
     def _limit_reached(self, err: OSError) -> None:
@@ -486,7 +495,7 @@ class FolderWatcher:
             # came before the folder was watched): settle it. A write in progress is
             # "modified": under inotify its close will come, so quiet is only a fallback.
             quiet = (self.watch.settle_seconds if isinstance(event, FileCreatedEvent)
-                     else self._event_quiet)
+                     else self._write_quiet)
             with self._lock:
                 self._pending[src] = _Pending(None, time.monotonic(), quiet)
 
