@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from dinowatch.errors import DinowatchError
+from dinowatch.health import Activity
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ T = TypeVar("T")
 
 RESUME_FREE_BYTES = 1 << 20  # after the disk was full, writes resume once this much is free
 BUSY_TIMEOUT_SECONDS = 30.0  # how long a write waits for a lock another process holds
+WRITE_TIMEOUT_SECONDS = 90.0  # a write not done by then is an error (a hung disk, a dead writer)
 
 # Each migration moves the schema one version up; never edit one that has shipped.
 MIGRATIONS = [
@@ -142,6 +144,8 @@ class Store:
         self._local = threading.local()
         self._ack_lock = threading.Lock()
         self._acked: list[int] = []
+        self.activity = Activity("store writer")
+        self.broken: str | None = None  # why the writer stopped, if it did
         self._ack_flush_queued = False
         self._jobs: queue.Queue[tuple[Callable[[sqlite3.Connection], Any], Future] | None] = (
             queue.Queue())
@@ -177,27 +181,61 @@ class Store:
     def _write_loop(self, connection: sqlite3.Connection) -> None:
         while (job := self._jobs.get()) is not None:
             work, future = job
-            try:
-                connection.execute("BEGIN IMMEDIATE")
-                result = work(connection)
-                connection.execute("COMMIT")
-            except BaseException as err:  # the caller gets it through the future
-                if connection.in_transaction:
-                    connection.execute("ROLLBACK")
-                future.set_exception(_unavailable(self.path, err) or err)
-            else:
-                future.set_result(result)
+            with self.activity.working():
+                try:
+                    connection.execute("BEGIN IMMEDIATE")
+                    result = work(connection)
+                    connection.execute("COMMIT")
+                except BaseException as err:  # the caller gets it through the future
+                    future.set_exception(_unavailable(self.path, err) or err)
+                    if not self._rolled_back(connection):
+                        break
+                else:
+                    future.set_result(result)
+        self._fail_waiting()
         connection.close()
+
+    def _rolled_back(self, connection: sqlite3.Connection) -> bool:
+        """Undo a failed transaction; False if that failed too (the writer must stop: its
+        connection is in a state nothing can vouch for)."""
+        try:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+        except sqlite3.Error as err:
+            self.broken = f"ROLLBACK failed: {err}"
+            log.critical("database writer for %s stopped: %s", self.path, self.broken)
+            return False
+        return True
+
+    def _fail_waiting(self) -> None:
+        """Writes queued behind a stopped writer fail now instead of waiting for ever."""
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                job[1].set_exception(StoreError(f"{self.path}: the database writer stopped"))
+
+    @property
+    def alive(self) -> bool:
+        """The writer thread runs (False after close() or a failed ROLLBACK)."""
+        return self._writer.is_alive()
 
     def _write(self, work: Callable[[sqlite3.Connection], T], wait: bool = True) -> T | None:
         if not self._writer.is_alive():
-            raise StoreError(f"{self.path} is closed")
+            raise StoreError(f"{self.path}: the database writer stopped"
+                             + (f" ({self.broken})" if self.broken else ""))
         future: Future[T] = Future()
         self._jobs.put((work, future))
-        if wait:
-            return future.result()
-        future.add_done_callback(_log_failure)
-        return None
+        if not wait:
+            future.add_done_callback(_log_failure)
+            return None
+        try:
+            return future.result(WRITE_TIMEOUT_SECONDS)
+        except TimeoutError as err:
+            raise StoreError(f"{self.path}: a write did not finish in "
+                             f"{WRITE_TIMEOUT_SECONDS:.0f} s") from err
 
     @property
     def _reader(self) -> sqlite3.Connection:
