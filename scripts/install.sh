@@ -11,6 +11,7 @@
 #   --prefix DIR   where the virtualenv goes (default /opt/dinowatch/venv or ./.venv)
 #   PYTHON=...     interpreter to build the venv with (default python3, needs >= 3.11)
 #   DINOWATCH_MODEL=file.onnx   local run: use this model instead of the registry's
+#   DINOWATCH_MQTT_PORT=N       local run: the broker's port on localhost (default 1883)
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -21,15 +22,28 @@ while (($#)); do
     --prefix) PREFIX=$(realpath -m "${2:?--prefix needs a directory}"); shift 2 ;;
     --prefix=*) PREFIX=$(realpath -m "${1#*=}"); shift ;;
     --no-systemd) MODE=local; shift ;;
-    -h | --help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (try --help)" >&2; exit 2 ;;
   esac
 done
 
 say() { printf '==> %s\n' "$*"; }
 warn() { printf '\n!!! %s\n\n' "$*" >&2; }
-# Is a broker accepting connections on localhost:1883? (bash's /dev/tcp: no netcat needed)
-broker_up() { (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null; }
+# Is a broker accepting connections on localhost:PORT (default 1883)? (bash's /dev/tcp: no
+# netcat needed)
+broker_up() { (exec 3<>"/dev/tcp/127.0.0.1/${1:-1883}") 2>/dev/null; }
+# `python -m venv` needs ensurepip, which Debian ships separately in python3-venv.
+need_venv_module() {
+  "$PY" -c 'import ensurepip' 2>/dev/null && return
+  if [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null; then
+    say "apt-get install python3-venv"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv || true
+  fi
+  "$PY" -c 'import ensurepip' 2>/dev/null || {
+    echo "$PY cannot make a virtual environment (no ensurepip): sudo apt install python3-venv" >&2
+    exit 1
+  }
+}
 # YAML single-quoted scalar (quotes doubled); "null" stays null.
 yaml_str() { if [[ $1 == null ]]; then echo null; else printf "'%s'\n" "${1//\'/\'\'}"; fi; }
 
@@ -37,10 +51,7 @@ install_system() {
   local venv=${PREFIX:-/opt/dinowatch/venv} etc=/etc/dinowatch data=/var/lib/dinowatch
   local inbox=/srv/dinowatch/inbox unit=/etc/systemd/system/dinowatch.service
   export DEBIAN_FRONTEND=noninteractive
-  # Debian splits ensurepip (needed by `python3 -m venv`) into python3-venv.
-  if ! "$PY" -c 'import ensurepip' 2>/dev/null && command -v apt-get >/dev/null; then
-    say "apt-get install python3-venv"; apt-get install -y -q python3-venv
-  fi
+  need_venv_module
   # --system-site-packages: HailoRT's Python binding comes from apt (hailo-all),
   # not PyPI; this keeps it importable. numpy<2: that binding is built for numpy 1.x.
   say "virtualenv $venv, pip install $REPO"
@@ -118,10 +129,15 @@ EOF
 run_local() {
   cd "$REPO"   # ./.venv and ./.dinowatch live next to the sources
   local venv=${PREFIX:-$REPO/.venv} state=$REPO/.dinowatch model=null
-  local data=$state/data inbox=$state/inbox
-  [[ -x $venv/bin/python ]] || { say "virtualenv $venv"; "$PY" -m venv "$venv"; }
+  local data=$state/data inbox=$state/inbox port=${DINOWATCH_MQTT_PORT:-1883}
+  # Reused when it works (scripts/test.sh uses the same one); a half-made one is redone.
+  if ! "$venv/bin/python" -m pip --version >/dev/null 2>&1; then
+    need_venv_module
+    say "virtualenv $venv"
+    "$PY" -m venv --clear "$venv"
+  fi
   say "pip install ."
-  "$venv/bin/pip" install -q .
+  "$venv/bin/python" -m pip install -q .
   mkdir -p "$data" "$inbox"
 
   # The model. Same cache rule as the daemon: $DINOWATCH_MODEL_DIR, else data_dir/models.
@@ -161,25 +177,45 @@ watch:
     source: inbox
 mqtt:
   host: localhost
-  port: 1883
+  port: $port
 logging:
   level: INFO
 EOF
 
-  if broker_up; then
-    say "MQTT broker found on localhost:1883"
-  elif command -v mosquitto >/dev/null; then
+  # Debian keeps mosquitto in /usr/sbin, which is not on a normal user's PATH.
+  local mosquitto broker=$state/mosquitto
+  mosquitto=$(command -v mosquitto || command -v /usr/sbin/mosquitto || true)
+  if broker_up "$port"; then
+    say "MQTT broker found on localhost:$port"
+  elif [[ -n $mosquitto ]]; then
+    # Persistence on: retained messages (status, stats) survive the broker's own restart.
+    mkdir -p "$broker"
+    cat >"$broker/mosquitto.conf" <<EOF
+# Written by scripts/install.sh for the local run; rewritten on every run.
+listener $port localhost
+allow_anonymous true
+persistence true
+persistence_location $broker/
+autosave_interval 60
+pid_file $broker/mosquitto.pid
+log_dest file $broker/mosquitto.log
+user $(id -un)
+EOF
     # -d detaches it (own session), so Ctrl-C on the daemon leaves it running.
-    mosquitto -d -p 1883
-    for _ in {1..20}; do broker_up && break; sleep 0.1; done
-    say "started mosquitto on localhost:1883 (stop it: kill $(pgrep -n -x mosquitto || echo '<pid>'))"
+    "$mosquitto" -d -c "$broker/mosquitto.conf"
+    for _ in {1..20}; do broker_up "$port" && break; sleep 0.1; done
+    say "started mosquitto on localhost:$port, state in $broker (stop it: kill \$(cat $broker/mosquitto.pid))"
   else
-    warn "no MQTT broker on localhost:1883 and no mosquitto binary (apt install mosquitto):
+    warn "no MQTT broker on localhost:$port and no mosquitto binary (apt install mosquitto):
 !!! dinowatch keeps its messages in the outbox until a broker appears"
   fi
 
   say "dinowatch run -c $state/config.yaml   (Ctrl-C stops it)"
-  say "drop images into $inbox; watch with: mosquitto_sub -v -t 'dinowatch/#'"
+  say "drop images into $inbox; watch with: mosquitto_sub -v -p $port -t 'dinowatch/#'"
+  # The README's two lines: the venv's `dinowatch` on PATH, and this config as the default.
+  say "to use the dinowatch command in another terminal, type there:"
+  printf '      . %q\n      export DINOWATCH_CONFIG=%q\n      dinowatch status\n' \
+    "$venv/bin/activate" "$state/config.yaml"
   exec "$venv/bin/dinowatch" run -c "$state/config.yaml"
 }
 

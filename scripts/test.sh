@@ -1,7 +1,54 @@
 #!/usr/bin/env bash
-# Installs dinowatch with its test extras into the current Python and runs the whole suite.
-# The end-to-end tests start their own Mosquitto: install the `mosquitto` package first.
+# Runs the test suite:  scripts/test.sh [pytest arguments, e.g. -m "not slow"]
+#
+# Installs dinowatch with its `test` extra into a virtual environment and runs pytest there;
+# it never installs into the system Python (which Debian 12 and Raspberry Pi OS refuse
+# anyway, PEP 668). Inside an activated virtual environment it uses that one; otherwise it
+# makes, or reuses, ./.venv (the one `scripts/install.sh` builds for a local run).
+#   PYTHON=...   interpreter to build ./.venv with (default python3, needs >= 3.11);
+#                a virtual environment's python is used as it is
+# The broker tests start their own Mosquitto (apt install mosquitto); the TLS ones need openssl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install --quiet --disable-pip-version-check -e '.[test]'
-exec python3 -m pytest "$@"
+PY=${PYTHON:-python3}
+
+say() { printf '==> %s\n' "$*"; }
+die() { printf 'scripts/test.sh: %s\n' "$*" >&2; exit 1; }
+
+command -v "$PY" >/dev/null || die "no $PY here: install python3 (>= 3.11) or set PYTHON=..."
+"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
+  die "$PY is Python $("$PY" -c 'import platform; print(platform.python_version())'); dinowatch needs >= 3.11 (set PYTHON=...)"
+
+# `python -m venv` needs ensurepip, which Debian ships separately in python3-venv.
+need_venv_module() {
+  "$PY" -c 'import ensurepip' 2>/dev/null && return
+  local version package=python3-venv
+  version=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+  # Debian's default python3 comes with python3-venv; another version has its own package.
+  [[ $(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) == "$version" ]] ||
+    package=python$version-venv
+  if [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null; then
+    say "apt-get install $package (python -m venv needs ensurepip)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q "$package" || { apt-get update -q && apt-get install -y -q "$package"; } ||
+      true
+  fi
+  "$PY" -c 'import ensurepip' 2>/dev/null ||
+    die "$PY cannot make a virtual environment (no ensurepip). On Debian / Raspberry Pi OS: sudo apt install $package"
+}
+
+if "$PY" -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)'; then
+  python=$PY   # already a virtual environment (activated, or PYTHON=venv/bin/python)
+else
+  venv=$PWD/.venv
+  python=$venv/bin/python
+  # Reused when it works; a half-made one (e.g. `venv` failed for want of ensurepip) is redone.
+  if ! "$python" -m pip --version >/dev/null 2>&1; then
+    need_venv_module
+    say "virtualenv $venv ($PY)"
+    "$PY" -m venv --clear "$venv"
+  fi
+fi
+say "pip install -e '.[test]' into $("$python" -c 'import sys; print(sys.prefix)')"
+"$python" -m pip install --quiet --disable-pip-version-check -e '.[test]'
+exec "$python" -m pytest "$@"

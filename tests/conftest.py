@@ -19,6 +19,9 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from dinowatch.config import MqttSettings
+from dinowatch.mqtt import Publisher
+from dinowatch.store import Store
 from dinowatch.testing import synthetic_photo, write_model
 
 MEASUREMENTS: list[str] = []
@@ -103,7 +106,8 @@ class Mosquitto:
     host = "127.0.0.1"
 
     def __init__(self, directory: Path, *, users: dict[str, str] | None = None,
-                 tls: TlsFiles | None = None, require_certificate: bool = False) -> None:
+                 tls: TlsFiles | None = None, require_certificate: bool = False,
+                 extra_config: list[str] | None = None) -> None:
         self.binary = _mosquitto_binary()
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -122,6 +126,7 @@ class Mosquitto:
             lines += [f"cafile {tls.ca}", f"certfile {tls.server_cert}",
                       f"keyfile {tls.server_key}",
                       f"require_certificate {'true' if require_certificate else 'false'}"]
+        lines += extra_config or []  # e.g. max_packet_size, acl_file
         self.conf.write_text("\n".join(lines) + "\n")
 
     def _password_file(self, users: dict[str, str]) -> Path:
@@ -185,7 +190,8 @@ class Mosquitto:
 
 @pytest.fixture
 def mosquitto_factory(tmp_path: Path) -> Iterator[Callable[..., Mosquitto]]:
-    """`mosquitto_factory(users={...}, tls=..., start=True)` -> a broker, killed at teardown."""
+    """`mosquitto_factory(users={...}, tls=..., extra_config=[...], start=True)` -> a broker,
+    killed at teardown."""
     brokers: list[Mosquitto] = []
 
     def make(*, start: bool = True, **options: Any) -> Mosquitto:
@@ -316,3 +322,34 @@ def subscriber_factory() -> Iterator[Callable[..., Subscriber]]:
     yield make
     for subscriber in subscribers:
         subscriber.close()
+
+
+# ---- a real Publisher on a real Store -------------------------------------------------------
+
+PUBLISHER_DEVICE = "test-pi"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    db = Store(tmp_path / "dinowatch.db")
+    yield db
+    db.close()
+
+
+@pytest.fixture
+def publisher(store: Store) -> Iterator[Callable[..., Publisher]]:
+    """`publisher(broker, *, start=True, **mqtt_settings)` -> a Publisher (started unless
+    told otherwise) for anything with `host` and `port`; stopped at teardown."""
+    started: list[Publisher] = []
+
+    def make(broker: Any, *, start: bool = True, **options: Any) -> Publisher:
+        settings = MqttSettings(host=broker.host, port=broker.port, **options)
+        pub = Publisher(settings, PUBLISHER_DEVICE, store)
+        started.append(pub)
+        if start:
+            pub.start()
+        return pub
+
+    yield make
+    for pub in started:
+        pub.stop(timeout=1.0)

@@ -66,6 +66,18 @@ class DaemonProcess:
                 continue
         return self.notifications
 
+    def collect(self, seconds: float) -> list[str]:
+        """Notify datagrams that arrive within the next `seconds`."""
+        deadline, received = time.monotonic() + seconds, []
+        while (remaining := deadline - time.monotonic()) > 0:
+            self._socket.settimeout(remaining)
+            try:
+                received.append(self._socket.recv(4096).decode())
+            except TimeoutError:
+                break
+        self.notifications += received
+        return received
+
     def signal(self, signum: int) -> None:
         assert self.process is not None
         self.process.send_signal(signum)

@@ -24,8 +24,10 @@ DINOWATCH = [sys.executable, "-m", "dinowatch.cli"]
 
 
 def dinowatch(*args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    # Without the caller's $DINOWATCH_CONFIG, which `embed` would follow (README's two lines).
+    ambient = {key: value for key, value in os.environ.items() if key != "DINOWATCH_CONFIG"}
     return subprocess.run([*DINOWATCH, *map(str, args)], capture_output=True, timeout=300,
-                          env={**os.environ, **(env or {})}, check=False)
+                          env={**ambient, **(env or {})}, check=False)
 
 
 @pytest.fixture(scope="module")

@@ -68,7 +68,8 @@ def jpeg_bytes(seed: int, tmp: Path) -> bytes:
 
 
 def test_fifty_dropped_jpegs_give_exactly_fifty_embeddings(setup, mosquitto, subscriber_factory,
-                                                           tmp_path: Path) -> None:
+                                                           tmp_path: Path,
+                                                           tiny_model: Path) -> None:
     subscriber = subscriber_factory(mosquitto, f"{TOPIC}/#")
     inbox: Path = setup.inbox
     staging = tmp_path / "staging"
@@ -100,13 +101,16 @@ def test_fifty_dropped_jpegs_give_exactly_fifty_embeddings(setup, mosquitto, sub
     assert {Path(p["path"]).name for p in received} == (
         {f"slow{i}.jpg" for i in range(5)} | {f"cam{i}.jpg" for i in range(5, 15)}
         | {f"plain{i}.jpg" for i in range(15, 50)})
+    model_sha256 = hashlib.sha256(tiny_model.read_bytes()).hexdigest()
     for payload in received:
         vector = np.frombuffer(base64.b64decode(payload["vector"]), dtype="<f4")
         assert vector.shape == (384,) and abs(np.linalg.norm(vector) - 1) < 1e-4
         assert payload["dim"] == 384 and payload["source"] == "front-door"
         assert (payload["width"], payload["height"]) == (480, 360)
         assert payload["ts"].endswith("Z") and len(payload["sha256"]) == 64
-        assert payload["model"]["name"] == "dinov2-vits14" and len(payload["model"]["sha256"]) == 64
+        # A random-weight model is never passed off as the registry's DINOv2.
+        assert payload["model"] == {"name": "stand-in:tiny.onnx", "sha256": model_sha256,
+                                    "pinned": False, "stand_in": True}
     slow = next(p for p in received if p["path"].endswith("slow0.jpg"))
     assert slow["sha256"] == hashlib.sha256(jpeg_bytes(0, staging)).hexdigest()
     stats = [json.loads(m.payload) for m in subscriber.messages if m.topic == f"{TOPIC}/stats"]

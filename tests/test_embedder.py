@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import shutil
@@ -205,3 +206,29 @@ def test_path_with_spaces_and_non_ascii_characters(embedder: DinoEmbedder, photo
     odd.parent.mkdir()
     shutil.copy(photo, odd)
     np.testing.assert_array_equal(embedder.embed(odd), embedder.embed(photo))
+
+
+def test_model_identity_names_only_the_registry_file_as_the_registry_model(
+        tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnx
+
+    from dinowatch import models
+
+    with DinoEmbedder(tiny_model) as stand_in:
+        assert stand_in.identity.payload() == {
+            "name": "stand-in:tiny.onnx", "sha256": stand_in.model_sha256, "pinned": False,
+            "stand_in": True}
+    exported = onnx.load(str(tiny_model))  # the same graph, exported by someone else
+    exported.producer_name = "pytorch"
+    other = tmp_path / "my-dinov2.onnx"
+    onnx.save(exported, str(other))
+    with DinoEmbedder(other) as embedder:
+        assert embedder.identity.payload() == {
+            "name": "my-dinov2.onnx", "sha256": embedder.model_sha256, "pinned": False}
+        # The same bytes as the registry pins: then, and only then, the registry's name.
+        entry = models.get_entry(models.DEFAULT_MODEL)
+        monkeypatch.setitem(models.REGISTRY, models.DEFAULT_MODEL,
+                            dataclasses.replace(entry, sha256=embedder.model_sha256))
+        del embedder.__dict__["identity"]
+        assert embedder.identity.payload() == {
+            "name": models.DEFAULT_MODEL, "sha256": embedder.model_sha256, "pinned": True}

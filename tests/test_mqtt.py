@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,31 +42,6 @@ def _fast_timing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mqtt_module, "IDLE_POLL_SECONDS", 0.2)
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    db = Store(tmp_path / "dinowatch.db")
-    yield db
-    db.close()
-
-
-@pytest.fixture
-def publisher(store: Store) -> Iterator[MakePublisher]:
-    """`publisher(broker, **mqtt_settings)` -> a started Publisher, stopped at teardown."""
-    started: list[Publisher] = []
-
-    def make(broker: Mosquitto, *, start: bool = True, **options: Any) -> Publisher:
-        settings = MqttSettings(host=broker.host, port=broker.port, **options)
-        pub = Publisher(settings, DEVICE, store)
-        started.append(pub)
-        if start:
-            pub.start()
-        return pub
-
-    yield make
-    for pub in started:
-        pub.stop(timeout=1.0)
-
-
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -93,7 +68,8 @@ def has_status(payload: bytes) -> Callable[[list[Received]], bool]:
 def _embedding(vector: np.ndarray, encoding: str, path: str = "/srv/camera/a.jpg") -> dict:
     message = embedding_message(
         TOPICS, device_id=DEVICE, path=path, source="front-door", sha256="ab" * 32,
-        width=640, height=480, model_name="dinov2-vits14", model_sha256="4d" * 32,
+        width=640, height=480,
+        model={"name": "dinov2-vits14", "sha256": "4d" * 32, "pinned": True},
         vector=vector, encoding=encoding, qos=1)
     assert (message.topic, message.qos, message.retain) == (TOPICS.embedding, 1, False)
     assert b", " not in message.payload and b": " not in message.payload  # compact JSON
@@ -109,7 +85,7 @@ def test_payloads_follow_the_contract() -> None:
     decoded = np.frombuffer(base64.b64decode(body["vector"]), dtype="<f4")
     np.testing.assert_array_equal(decoded, vector)
     assert body["dim"] == 384 and body["ts"].endswith("Z")
-    assert body["model"] == {"name": "dinov2-vits14", "sha256": "4d" * 32}
+    assert body["model"] == {"name": "dinov2-vits14", "sha256": "4d" * 32, "pinned": True}
     assert (body["path"], body["source"], body["width"], body["height"]) == (
         "/srv/camera/a.jpg", "front-door", 640, 480)
     np.testing.assert_array_equal(np.array(_embedding(vector, "json")["vector"], "<f4"), vector)
@@ -339,3 +315,44 @@ def test_stats_are_retained_json(mosquitto: Mosquitto, publisher: MakePublisher,
     late = subscriber_factory(mosquitto, TOPICS.stats)
     received = late.wait_for(lambda messages: bool(messages))[0]
     assert received.retain and json.loads(received.payload) == stats
+
+
+def test_a_certificate_from_another_ca_is_refused_and_said_clearly(
+        mosquitto_factory: Callable[..., Mosquitto], tls_ca: TlsFiles, tmp_path: Path,
+        store: Store, publisher: MakePublisher, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    broker = mosquitto_factory(tls=tls_ca)
+    other = tmp_path / "other-ca"
+    other.mkdir()
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "ca.key", "-out",
+                    "ca.crt", "-days", "2", "-subj", "/CN=someone else's CA"], cwd=other,
+                   capture_output=True, check=True)
+    store.enqueue(numbered(0, 2))
+    pub = publisher(broker, tls=TlsSettings(enabled=True, ca_certs=other / "ca.crt"))
+    wait_until(lambda: pub.last_error is not None, "the refusal")
+    time.sleep(2.5)  # a few more attempts (1 s backoff in tests)
+    assert not pub.connected and store.outbox_depth() == 2
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
+            and "TLS" in r.getMessage()]
+    assert len(said) == 1, said  # once, however often it is retried
+    assert "certificate verify failed" in said[0] and "mqtt.tls.ca_certs" in said[0]
+    assert f"{broker.host}:{broker.port}" in said[0]
+
+
+def test_a_second_instance_with_the_same_device_id_is_named_once(
+        mosquitto: Mosquitto, store: Store, publisher: MakePublisher,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    first = publisher(mosquitto)
+    wait_until(lambda: first.connected, "the first connection")
+    publisher(mosquitto)  # the same device_id, so the same client id: the broker swaps them
+
+    def clashes() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.levelno == logging.ERROR
+                and "use the same device_id" in r.getMessage()]
+
+    wait_until(lambda: bool(clashes()), "the clash to be named", timeout=20)
+    time.sleep(3)  # more swaps, each instance says it once at most (both log here)
+    assert 1 <= len(clashes()) <= 2, [r.getMessage() for r in clashes()]
+    assert f"client id dinowatch-{DEVICE}" in clashes()[0].getMessage()

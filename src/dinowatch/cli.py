@@ -10,6 +10,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from tqdm import tqdm
 
 from dinowatch import __version__, models
 from dinowatch.config import (
+    CONFIG_ENV,
     ConfigError,
     Settings,
     WatchSettings,
@@ -117,6 +119,73 @@ def _report_pause(error: Exception | None) -> None:
         _fail(f"{error}; waiting until the database takes writes again")
 
 
+STALE_REPORTS = 2  # the daemon's stats older than this many intervals: it is not running
+
+
+def _pid_alive(pid: int) -> bool:
+    """Does process `pid` exist (and is it not a zombie)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, as another user (the service's)
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"
+
+
+def _daemon_state(stats: dict[str, object], *, disk_full: bool) -> dict[str, object]:
+    """Is the daemon running? Decided from the age of its last stats (written every
+    STATS_INTERVAL_SECONDS) and, when they name it, whether its process still exists.
+    `running` is None when the stats carry no time (written by an older dinowatch)."""
+    from dinowatch.daemon import STATS_INTERVAL_SECONDS
+
+    pid, stamp = stats.get("pid"), stats.get("ts")
+    alive = _pid_alive(pid) if isinstance(pid, int) and pid > 0 else None
+    try:
+        age = (round(time.time() - datetime.fromisoformat(stamp).timestamp(), 1)
+               if isinstance(stamp, str) else None)
+    except ValueError:  # not a time: as good as none
+        age = None
+    running: bool | None = False
+    if stats and age is None:
+        running = None
+    elif age is not None and alive is not False:
+        # A full disk stops the reports (they are written to the database), not the daemon.
+        running = age <= STALE_REPORTS * STATS_INTERVAL_SECONDS or (disk_full and bool(alive))
+    return {"running": running, "pid": pid, "pid_alive": alive, "last_report": stamp,
+            "last_report_age_seconds": age}
+
+
+def _ago(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{max(seconds, 0):.0f} s"
+
+
+def _daemon_line(state: dict[str, object], connected: object, mqtt: bool) -> str:
+    from dinowatch.daemon import STATS_INTERVAL_SECONDS
+
+    age, pid = state["last_report_age_seconds"], state["pid"]
+    if state["running"] is None:
+        return "unknown (its last report carries no time: written by an older dinowatch)"
+    if not isinstance(age, float):
+        return "not running (no report yet: has it started?)"
+    if state["running"]:
+        broker = ("connected to the broker" if connected else "not connected to the broker"
+                  ) if mqtt else "no broker configured"
+        since = (f"last report {_ago(age)} ago" if age <= STALE_REPORTS * STATS_INTERVAL_SECONDS
+                 else f"no report for {_ago(age)}: the disk is full")
+        return f"running ({since}), pid {pid}, {broker}"
+    note = (f"; process {pid} still exists but has stopped reporting"
+            if state["pid_alive"] else "")
+    return f"not running (last report at {state['last_report']}, {_ago(age)} ago{note})"
+
+
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from dinowatch.daemon import DATABASE_NAME, open_store
     from dinowatch.store import RESUME_FREE_BYTES
@@ -126,8 +195,13 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     store = open_store(settings)
     daemon_stats = json.loads(store.meta("stats") or "{}")
     free = shutil.disk_usage(settings.data_dir).free
+    state = _daemon_state(daemon_stats, disk_full=free < RESUME_FREE_BYTES)
+    daemon = daemon_stats | state
+    if state["running"] is False and "connected" in daemon:
+        daemon["connected"] = False  # the last stats said so of a daemon that has gone
     report = {"images": store.counts(), "outbox": store.outbox_depth(),
-              "queue": daemon_stats.get("queue"), "daemon": daemon_stats,
+              "dead_letters": store.dead_letter_count(),
+              "queue": daemon_stats.get("queue"), "daemon": daemon,
               # The daemon cannot record a full disk in the database that is on it: look.
               "disk": {"free_bytes": free, "full": free < RESUME_FREE_BYTES},
               "last_errors": [error | {"path": readable(error["path"])}
@@ -137,9 +211,11 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(report, indent=2))
         return EXIT_OK
     images = report["images"]
+    print(f"daemon: {_daemon_line(state, daemon.get('connected'), settings.mqtt is not None)}")
     print(f"images: {images['done']} embedded, {images['failed']} failed, "
           f"{images['deleted']} deleted")
     print(f"outbox: {report['outbox']} messages waiting for the broker")
+    print(f"dead letters: {report['dead_letters']} messages parked (dinowatch outbox list)")
     if report["disk"]["full"]:
         print(f"DISK FULL: {settings.data_dir} has {free:,} bytes free; intake is paused "
               "until there is room again")
@@ -174,18 +250,34 @@ def _configure_logging(level: str) -> None:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-
+    from dinowatch.daemon import open_embedder
     from dinowatch.embedder import DinoEmbedder
 
+    normalize = not args.raw
     try:
-        embedder = DinoEmbedder(args.model, model_name=args.model_name)
+        if args.config is not None or os.environ.get(CONFIG_ENV):
+            # The daemon's model: model.path/name (--model and --model-name override them),
+            # data_dir's model cache, backend and imaging options.
+            settings = load_settings(config_path(args.config))
+            model = settings.model.model_copy(update={
+                "path": args.model or settings.model.path,
+                "name": args.model_name or settings.model.name})
+            normalize = normalize and model.normalize
+            embedder = open_embedder(settings.model_copy(update={"model": model}))
+        else:  # the library's defaults, as the seed had them
+            embedder = DinoEmbedder(args.model,
+                                    model_name=args.model_name or models.DEFAULT_MODEL)
+    except ConfigError as err:
+        for line in err.errors:
+            print(f"dinowatch: {line}", file=sys.stderr)
+        return EXIT_CONFIG
     except EMBED_ERRORS as err:
         return _fail(err)
     vectors, failed = [], 0
     with embedder:
         for path in args.images:
             try:
-                vector = embedder.embed(path, normalize=not args.raw)
+                vector = embedder.embed(path, normalize=normalize)
             except EMBED_ERRORS as err:
                 failed += 1
                 _fail(err)
@@ -223,6 +315,83 @@ def cmd_model(args: argparse.Namespace) -> int:
     return _fail(f"{details['path']} failed verification")
 
 
+def cmd_outbox(args: argparse.Namespace, settings: Settings) -> int:
+    """`outbox list|retry|drop`: messages parked after the broker refused them."""
+    from dinowatch.daemon import DATABASE_NAME, open_store
+    from dinowatch.store import StoreError
+
+    every = getattr(args, "all", False)
+    seqs: list[int] = getattr(args, "seqs", [])
+    if args.action != "list" and bool(seqs) == every:
+        print(f"dinowatch outbox {args.action}: name the messages (SEQ…) or give --all",
+              file=sys.stderr)
+        return EXIT_USAGE
+    if not (settings.data_dir / DATABASE_NAME).exists():
+        return _fail(f"no database in {settings.data_dir} yet: has dinowatch run?")
+    store = open_store(settings)
+    try:
+        if args.action == "list":
+            _print_dead_letters([
+                {"seq": d.seq, "topic": d.topic, "size": len(d.payload), "qos": d.qos,
+                 "retain": d.retain, "attempts": d.attempts, "error": d.error,
+                 "created_at": d.created_at, "parked_at": d.parked_at}
+                for d in store.dead_letters()], as_json=args.json)
+        elif args.action == "retry":
+            moved = store.retry_dead_letters(None if every else seqs)
+            for old, new in moved:
+                print(f"{old} -> {new}")
+            print(f"{len(moved)} messages back in the outbox (new seq shown); a running "
+                  "daemon sends them within seconds", file=sys.stderr)
+        else:
+            dropped = store.drop_dead_letters(None if every else seqs)
+            print(f"dropped {len(dropped)} messages"
+                  + (f": {', '.join(map(str, dropped))}" if dropped else ""))
+    except StoreError as err:  # NotParked names the seqs; a locked database
+        return _fail(f"{err}; nothing changed")
+    finally:
+        store.close()
+    return EXIT_OK
+
+
+def _print_dead_letters(rows: list[dict[str, object]], *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        print("no parked messages")
+        return
+    columns = ("seq", "topic", "size", "attempts", "parked_at", "error")
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns[:-1]}
+    print("  ".join(c.upper().ljust(widths[c]) for c in columns[:-1]) + "  ERROR")
+    for row in rows:
+        print("  ".join(str(row[c]).ljust(widths[c]) for c in columns[:-1])
+              + f"  {row['error']}")
+
+
+def _add_outbox_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser],
+                       config_help: str) -> None:
+    outbox = commands.add_parser(
+        "outbox", help="list, retry or drop messages parked after the broker refused them",
+        description="Messages the broker refused (negative PUBACK), that ended the connection "
+                    "on every attempt, or that are larger than it accepts are parked after "
+                    "their retries; act on them here (see README, Reliability).")
+    actions = outbox.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="seq, topic, size, attempts, last error",
+                                 description="The parked messages, oldest first.")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    retry = actions.add_parser("retry", help="move them back to the outbox",
+                               description="Move parked messages back to the end of the "
+                                           "outbox, in the order of their original seq, with "
+                                           "a fresh retry budget.")
+    drop = actions.add_parser("drop", help="delete them", description="Delete parked messages.")
+    for sub in (retry, drop):
+        sub.add_argument("seqs", nargs="*", type=int, metavar="SEQ", help="as `list` shows")
+        sub.add_argument("--all", action="store_true", help="every parked message")
+    for sub in (listing, retry, drop):
+        sub.add_argument("-c", "--config", type=Path, help=config_help)
+        sub.set_defaults(handler=_with_settings(cmd_outbox))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dinowatch", description=__doc__)
     parser.add_argument("--version", action="version", version=f"dinowatch {__version__}")
@@ -251,11 +420,14 @@ def build_parser() -> argparse.ArgumentParser:
     embed = commands.add_parser("embed", help="embed image files, print one JSON line each",
                                 description="Embed image files with the seed's preprocessing.")
     embed.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    embed.add_argument("-c", "--config", type=Path,
+                       help="use this config's model, model cache and imaging options "
+                            "(default $DINOWATCH_CONFIG if set, else the library defaults)")
     embed.add_argument("--model", type=Path,
-                       help="ONNX file (default: the verified registry model)")
-    embed.add_argument("--model-name", default=models.DEFAULT_MODEL,
-                       choices=sorted(models.REGISTRY),
-                       help="registry entry (sets the expected width; default %(default)s)")
+                       help="ONNX file (default: model.path, else the verified registry model)")
+    embed.add_argument("--model-name", choices=sorted(models.REGISTRY),
+                       help="registry entry (sets the expected width; default model.name, "
+                            f"else {models.DEFAULT_MODEL})")
     embed.add_argument("--raw", action="store_true", help="do not L2-normalize")
     embed.add_argument("--format", choices=["json", "npy"], default="json",
                        help="json: {path, vector} per line; npy: one (N, D) array on stdout")
@@ -269,14 +441,31 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--dir", type=Path, help="model cache (default $DINOWATCH_MODEL_DIR, "
                                                 "else $XDG_CACHE_HOME/dinowatch/models)")
     model.set_defaults(handler=cmd_model)
+    _add_outbox_parser(commands, config_help)
     return parser
 
 
+# A reader that went away (`dinowatch status | head -1`): what a tool killed by SIGPIPE
+# reports in the shell (128 + 13), so `set -o pipefail` scripts see the usual value.
+EXIT_CLOSED_PIPE = 141
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _configure_logging("DEBUG" if args.verbose else "WARNING")
-    handler: Callable[[argparse.Namespace], int] = args.handler
-    return handler(args)
+    try:
+        try:
+            args = build_parser().parse_args(argv)
+            _configure_logging("DEBUG" if args.verbose else "WARNING")
+            handler: Callable[[argparse.Namespace], int] = args.handler
+            return handler(args)
+        finally:
+            sys.stdout.flush()  # so a closed pipe shows here, not at exit as a traceback
+    except BrokenPipeError:
+        # Stop writing, quietly. Anything still buffered goes to /dev/null, so the flush at
+        # interpreter exit cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_CLOSED_PIPE
 
 
 if __name__ == "__main__":

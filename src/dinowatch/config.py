@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
+import hmac
 import os
 import re
 import socket
@@ -163,9 +165,39 @@ class LoggingSettings(Section):
         return value.upper() if isinstance(value, str) else value
 
 
+# Hostnames that images and distributions ship with: two stock Pis would share topics and
+# the MQTT client id (and keep disconnecting each other), so these get a suffix.
+DISTRIBUTION_HOSTNAMES = {"raspberrypi", "raspberry", "pi", "localhost", "debian", "ubuntu",
+                          "raspbian", "dietpi", "orangepi", "rockpi", "armbian", "alarm",
+                          "homeassistant", "octopi"}
+MACHINE_ID = Path("/etc/machine-id")
+DEVICE_ID_APP = b"dinowatch device id"  # the application key the machine id is hashed with
+
+
+def default_device_id(hostname: str | None = None, machine_id: Path = MACHINE_ID) -> str:
+    """The hostname; for a distribution default such as `raspberrypi`, plus a short suffix
+    derived from /etc/machine-id (`raspberrypi-3f9a1c`), stable across reboots.
+
+    The machine id is hashed with an application key rather than shown, as machine-id(5)
+    asks of anything that exposes it on a network.
+    """
+    name = (hostname or socket.gethostname()).split(".")[0] or "dinowatch"
+    name = re.sub(r"[/+#\s]", "-", name)
+    if name.lower() not in DISTRIBUTION_HOSTNAMES:
+        return name
+    try:
+        secret = machine_id.read_text().strip()
+    except OSError:
+        secret = ""
+    if not secret:
+        return name
+    return f"{name}-{hmac.new(secret.encode(), DEVICE_ID_APP, hashlib.sha256).hexdigest()[:6]}"
+
+
 class Settings(Section):
-    device_id: str = Field(default_factory=socket.gethostname,
-                           description="Used in topics and the MQTT client id; null = hostname.")
+    device_id: str = Field(default_factory=default_device_id,
+                           description="Used in topics and the MQTT client id; null = hostname "
+                                       "(plus a machine-id suffix for distribution defaults).")
     data_dir: Path = Field(default=Path("/var/lib/dinowatch"), description="Database, models.")
     model: ModelSettings = Field(default_factory=ModelSettings, description="Embedding model.")
     backend: BackendConfig = Field(default_factory=OnnxBackendConfig,
@@ -182,7 +214,7 @@ class Settings(Section):
     @field_validator("device_id", mode="before")
     @classmethod
     def _hostname_if_null(cls, value: object) -> object:
-        return socket.gethostname() if value is None else value
+        return default_device_id() if value is None else value
 
     @field_validator("device_id")
     @classmethod

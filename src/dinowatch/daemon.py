@@ -26,8 +26,16 @@ from dinowatch.mqtt import (
     embedding_message,
     error_message,
 )
-from dinowatch.pipeline import DELETED, Messages, Pipeline
-from dinowatch.store import DiskFull, ImageRecord, Message, Store, StoreUnavailable
+from dinowatch.pipeline import DELETED, FAILED, PER_IMAGE_LOG_LIMIT, RECORDED, Messages, Pipeline
+from dinowatch.store import (
+    WRITE_TIMEOUT_SECONDS,
+    DiskFull,
+    ImageRecord,
+    Message,
+    Store,
+    StoreUnavailable,
+    utc_now,
+)
 from dinowatch.watch import FolderWatcher
 
 log = logging.getLogger(__name__)
@@ -37,6 +45,13 @@ STATS_INTERVAL_SECONDS = 30.0
 TICK_SECONDS = 0.5
 STOP_SECONDS = 9.0  # SIGTERM to exit, all stages together (systemd's TimeoutStopSec is 15)
 LOAD_SECONDS = 600  # the first start may fetch the model: systemd is asked to wait this long
+STUCK_SECONDS = 120.0  # one image decoded or one batch inferred longer than this: stuck
+SILENT_SECONDS = 120.0  # a polling loop (watcher, MQTT drain) silent this long: stuck
+SUMMARY_SECONDS = 60.0
+
+
+class StopRequested(Exception):  # a request, raised from the signal handler
+    """SIGTERM or SIGINT arrived before the daemon was ready."""
 
 
 def notify(*fields: str) -> None:
@@ -86,7 +101,7 @@ class MqttMessages(Messages):
         return [embedding_message(
             self.topics, device_id=self.device_id, path=record.path, source=record.source,
             sha256=record.sha256 or "", width=record.width, height=record.height,
-            model_name=self.embedder.model_name, model_sha256=self.embedder.model_sha256,
+            model=self.embedder.identity.payload(),
             vector=vector, encoding=self.mqtt.vector_encoding, qos=self.mqtt.qos)]
 
     def deleted(self, record: ImageRecord) -> list[Message]:
@@ -116,6 +131,8 @@ class Daemon:
         self._reload = threading.Event()
         self._watchers: dict[Path, FolderWatcher] = {}
         self._started = time.monotonic()
+        self._starting = True  # until READY=1: SIGTERM interrupts the start itself
+        self._opened: list[Store | DinoEmbedder] = []  # closed if a stop interrupts the start
 
     # -- WatchEvents: called on watcher threads; they only hand off -------------------------
     def file_ready(self, path: Path, watch: WatchSettings) -> None:
@@ -155,14 +172,41 @@ class Daemon:
 
     # -- lifecycle ------------------------------------------------------------------------
     def run(self) -> int:
+        """Start, serve until SIGTERM, stop. Exit code: 0, or 1 when a worker died."""
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGHUP, self._on_signal)
+        try:
+            self._start()
+        except StopRequested:
+            log.info("stopped while starting")
+            for part in self._opened:
+                part.close()
+            return 0
+        finally:
+            self._starting = False
+        code = 0
+        try:
+            code = self._main_loop()
+        finally:
+            self._shutdown()
+        return code
+
+    def _start(self) -> None:
+        """Open everything; SIGTERM meanwhile (a model fetch may take minutes) raises
+        StopRequested at once instead of waiting for the start to finish."""
         settings = self.settings
         self.store = open_store(settings)
+        self._opened.append(self.store)
         notify("STATUS=loading model", f"EXTEND_TIMEOUT_USEC={LOAD_SECONDS * 1_000_000}")
         self.embedder = open_embedder(settings)
+        self._opened.append(self.embedder)
         self.embedder.warm_up()  # a slow first inference must not count against the watchdog
+        identity = self.embedder.identity
+        if identity.stand_in:
+            log.warning("model %s is a STAND-IN with random weights (built by dinowatch.testing)"
+                        ": its vectors mean nothing. Provision the real model: README, Models.",
+                        self.embedder.model_path)
         self.messages = build_messages(settings, self.embedder)
         self.publisher = (Publisher(settings.mqtt, settings.device_id, self.store)
                           if settings.mqtt else None)
@@ -173,28 +217,36 @@ class Daemon:
         if self.publisher:
             self.publisher.start()
         self._apply_watch_list(settings.watch)
+        self._starting = False
         notify("READY=1", "STATUS=watching")
-        log.info("dinowatch running: %d folders, model %s, device %s", len(settings.watch),
-                 self.embedder.model_path, settings.device_id)
-        try:
-            self._main_loop()
-        finally:
-            self._shutdown()
-        return 0
+        log.info("dinowatch running: %d folders, model %s (%s, sha256 %s…), device %s",
+                 len(settings.watch), identity.name, self.embedder.model_path,
+                 identity.sha256[:12], settings.device_id)
 
     def publisher_wake(self) -> None:
         if self.publisher:
             self.publisher.wake()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        (self._reload if signum == signal.SIGHUP else self._stop).set()
+        if signum == signal.SIGHUP:
+            self._reload.set()
+            return
+        self._stop.set()
+        if self._starting:
+            raise StopRequested
 
-    def _main_loop(self) -> None:
+    def _main_loop(self) -> int:
+        """Until SIGTERM: watchdog pings, reloads, stats. Returns 1 if a worker died."""
         ping_every = watchdog_interval()
         last_ping = last_stats = -math.inf
+        last_summary, summarized = time.monotonic(), dict(self.pipeline.outcomes)
         was_connected = False
         while not self._stop.wait(TICK_SECONDS):
             now = time.monotonic()
+            dead = self._dead_worker()
+            if dead:
+                log.critical("%s: stopping with exit code 1 so systemd restarts dinowatch", dead)
+                return 1
             connected = bool(self.publisher and self.publisher.connected)
             if connected and not was_connected:
                 last_stats = -math.inf  # a fresh connection gets the retained stats at once
@@ -202,29 +254,74 @@ class Daemon:
             if self._reload.is_set():
                 self._reload.clear()
                 self._reload_settings()
-            # Ping only while the workers live, so systemd restarts a wedged daemon.
-            if ping_every and now - last_ping >= ping_every and self._healthy():
-                notify("WATCHDOG=1")
-                last_ping = now
+            # Ping only while every stage with work is moving: systemd restarts a wedged
+            # daemon (a hung network mount, a store write that never returns).
+            if ping_every and now - last_ping >= ping_every:
+                stuck = self._stuck_stage()
+                if stuck is None:
+                    notify("WATCHDOG=1")
+                    last_ping = now
+                elif now - last_ping >= 2 * ping_every:
+                    log.error("%s; not telling systemd's watchdog all is well", stuck)
             if now - last_stats >= STATS_INTERVAL_SECONDS:
                 self._publish_stats()
                 last_stats = now
+            if now - last_summary >= SUMMARY_SECONDS:
+                self._log_summary(summarized)
+                last_summary, summarized = now, dict(self.pipeline.outcomes)
+        return 0
 
-    def _healthy(self) -> bool:
-        return self.pipeline.alive and (self.publisher is None or self.publisher.alive)
+    def _dead_worker(self) -> str | None:
+        """A worker thread that ended: the daemon cannot go on without it."""
+        if not self.store.alive:
+            return f"the database writer stopped ({self.store.broken or 'no reason given'})"
+        if not self.pipeline.alive:
+            return "a pipeline worker thread ended"
+        if self.publisher is not None and not self.publisher.alive:
+            return "the MQTT drain thread ended"
+        return None
+
+    def _stuck_stage(self) -> str | None:
+        """The first stage with work that has not moved for its limit, described."""
+        activities = [(self.pipeline.decode_activity, STUCK_SECONDS),
+                      (self.pipeline.inference_activity, STUCK_SECONDS),
+                      (self.store.activity, WRITE_TIMEOUT_SECONDS)]
+        for activity, limit in activities:
+            if activity.stuck_for() > limit:
+                return f"{activity.name} has been on one item for {activity.stuck_for():.0f} s"
+        polling = [watcher.activity for watcher in self._watchers.values()]
+        if self.publisher is not None:
+            polling.append(self.publisher.activity)
+        for activity in polling:
+            if activity.silent_for() > SILENT_SECONDS:
+                return f"{activity.name} has not come round for {activity.silent_for():.0f} s"
+        return None
+
+    def _log_summary(self, before: dict[str, int]) -> None:
+        """One INFO line a minute during a backlog; at low rates each image has its own."""
+        done = {key: count - before.get(key, 0) for key, count in self.pipeline.outcomes.items()}
+        if done.get(RECORDED, 0) > PER_IMAGE_LOG_LIMIT or done.get(FAILED, 0) or \
+                done.get(DELETED, 0):
+            log.info("last minute: %d embedded, %d failed, %d deleted; %d queued, %d in the "
+                     "outbox", done.get(RECORDED, 0), done.get(FAILED, 0), done.get(DELETED, 0),
+                     self.pipeline.queued, self.store.outbox_depth())
 
     def _shutdown(self) -> None:
         """Finish work in flight and say goodbye, all within STOP_SECONDS."""
         notify("STOPPING=1")
         log.info("stopping: finishing work in flight")
         deadline = time.monotonic() + STOP_SECONDS
+        for watcher in self._watchers.values():  # all at once, then wait within the deadline
+            watcher.stop(timeout=0)
         for watcher in self._watchers.values():
-            watcher.stop()
-        if not self.pipeline.stop(max(1.0, deadline - time.monotonic() - 2)):
+            watcher.stop(timeout=max(0.0, deadline - time.monotonic() - 5))
+        if not self.pipeline.stop(max(1.0, deadline - time.monotonic() - 3)):
             log.warning("workers did not finish in time; the rest is redone at next start")
         if self.publisher:
-            self.publisher.stop(timeout=max(0.5, min(3.0, deadline - time.monotonic())))
-        self.store.close()
+            self.publisher.stop(timeout=max(0.5, min(3.0, deadline - time.monotonic() - 1)))
+        if not self.store.close(timeout=max(0.5, deadline - time.monotonic())):
+            log.warning("the database writer did not finish in time; SQLite's journal keeps "
+                        "the database consistent")
         self.embedder.close()
         log.info("stopped")
 
@@ -267,9 +364,16 @@ class Daemon:
             "queue": self.pipeline.queued,
             "disk_full": isinstance(self.pipeline.paused, DiskFull),
             "outbox": self.store.outbox_depth(),
+            "dead_letters": self.store.dead_letter_count(),
             "images/s": round(self.pipeline.rate(), 3),
+            "model": self.embedder.identity.payload(),
+            "backend": self.settings.backend.type,
+            "last_seen": self.pipeline.last_recorded,
             "uptime": round(time.monotonic() - self._started),
             "connected": bool(self.publisher and self.publisher.connected),
+            # When and by whom: `dinowatch status` tells a running daemon from a gone one.
+            "ts": utc_now(),
+            "pid": os.getpid(),
         }
 
     def _publish_stats(self) -> None:

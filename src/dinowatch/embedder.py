@@ -25,6 +25,21 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
 @dataclass(frozen=True)
+class ModelIdentity:
+    """What a vector came from, as payloads name it (DESIGN: `model` {name, sha256, pinned})."""
+
+    name: str  # the registry entry if the file is its pinned file, else the file's own name
+    sha256: str
+    pinned: bool  # the file's sha256 is the registry entry's pinned hash
+    stand_in: bool  # random weights from dinowatch.testing: its vectors mean nothing
+
+    def payload(self) -> dict[str, object]:
+        body: dict[str, object] = {"name": self.name, "sha256": self.sha256,
+                                   "pinned": self.pinned}
+        return body | ({"stand_in": True} if self.stand_in else {})
+
+
+@dataclass(frozen=True)
 class Prepared:
     """One image ready for the backend, plus what the record stage wants to know of it."""
 
@@ -79,6 +94,16 @@ class DinoEmbedder:
     def model_sha256(self) -> str:
         """The model file's sha256, published with each vector so consumers tell models apart."""
         return self._pinned_sha256 or models.sha256_file(self.model_path)
+
+    @cached_property
+    def identity(self) -> ModelIdentity:
+        """The model as payloads, `status` and the log name it: the registry's name only for
+        the registry's own file; a stand-in says so in its name."""
+        pinned = models.get_entry(self.model_name).sha256 == self.model_sha256
+        stand_in = self.backend.producer == models.STAND_IN_PRODUCER
+        name = self.model_name if pinned else self.model_path.name
+        return ModelIdentity(f"stand-in:{name}" if stand_in else name, self.model_sha256,
+                             pinned, stand_in)
 
     def prepare(self, image: str | Path | BinaryIO, *, name: str | None = None) -> Prepared:
         """Decode and preprocess one image file, given as a path or an open binary file

@@ -12,6 +12,7 @@ import http.client
 import logging
 import os
 import re
+import socket
 import sys
 import time
 import urllib.error
@@ -80,6 +81,9 @@ class ModelEntry:
 
 
 DEFAULT_MODEL = "dinov2-vits14"
+# The ONNX producer name of the random-weight graphs dinowatch.testing builds: a stand-in
+# whose vectors mean nothing, which the daemon must never publish as the real model.
+STAND_IN_PRODUCER = "dinowatch.testing"
 
 REGISTRY: dict[str, ModelEntry] = {
     DEFAULT_MODEL: ModelEntry(
@@ -182,7 +186,8 @@ def fetch(
 
     Resumes from `<filename>.part`, retries network failures with exponential backoff and
     holds `<filename>.lock` so concurrent callers download once. A file that fails
-    verification is deleted. Network failure after all retries raises ModelUnavailable.
+    verification is deleted. Network failure after all retries raises ModelUnavailable, and
+    so does a failed name resolution (no DNS: offline), at once.
     """
     _require_pinned(entry)
     cache_dir = Path(cache_dir)
@@ -415,6 +420,14 @@ def _open(
             entry, cache_dir, f"{entry.url} answered HTTP {err.code} {err.reason}"
         ) from err
     except (OSError, http.client.HTTPException) as err:
+        reason = getattr(err, "reason", err)  # URLError wraps the socket's error
+        if isinstance(reason, socket.gaierror):
+            # No name resolution is being offline, like $DINOWATCH_OFFLINE: one error now.
+            # Retrying (1 + 2 + 4 + 8 + 16 s) would only delay it.
+            raise ModelUnavailable.for_entry(
+                entry, cache_dir, f"offline (name resolution failed while fetching "
+                f"{entry.url}: {reason})"
+            ) from err
         raise _Transient(str(err)) from err
 
 

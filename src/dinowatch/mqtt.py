@@ -13,10 +13,13 @@ import json
 import logging
 import os
 import queue
+import ssl
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -25,7 +28,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from dinowatch.config import ConfigError, MqttSettings
 from dinowatch.errors import DinowatchError, readable
-from dinowatch.store import Message, Store, utc_now
+from dinowatch.health import Activity
+from dinowatch.store import Message, OutboxMessage, Store, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +37,23 @@ WINDOW = 16                 # outbox messages handed to paho and not yet acknowl
 RECONNECT_MAX_SECONDS = 60  # paho retries after 1 s, doubling up to this (also after refusals)
 IDLE_POLL_SECONDS = 1.0     # the drain thread looks at the outbox at least this often
 DEBUG_PAYLOAD_CHARS = 200   # payloads are cut to this length in debug logs
+SESSION_TAKEN_OVER = 0x8E  # MQTT 5 DISCONNECT reason code (OASIS MQTT 5.0, 3.14.2.1)
+CLASH_DROPS, CLASH_WINDOW_SECONDS = 3, 30.0  # this many drops within: a client id clash
 UNSENT_MAX = 16             # publish_now messages kept while disconnected (the latest)
+# Poison messages: an outbox message the broker refuses (negative PUBACK), or that ends the
+# connection, is tried again after RETRY_FIRST_SECONDS, doubling up to RETRY_MAX_SECONDS, and
+# parked in the dead letters when MAX_ATTEMPTS attempts have failed. One larger than the
+# broker's Maximum Packet Size is parked at once (it can never be sent).
+RETRY_FIRST_SECONDS = 1.0
+RETRY_MAX_SECONDS = 60.0
+MAX_ATTEMPTS = 5
+BLAME_SECONDS = 5.0  # the connection ended this soon after the oldest unacked one went out
+# DISCONNECT reasons that are about the broker or the session, never about a message:
+# server busy, shutting down, keep-alive timeout, session taken over, administrative action,
+# use another server, server moved.
+INNOCENT_DISCONNECTS = frozenset({0x89, 0x8B, 0x8D, 0x8E, 0x98, 0x9C, 0x9D})
 
-_WAKE, _CONNECTED, _ACK = "wake", "connected", "ack"
+_WAKE, _CONNECTED, _ACK, _DISCONNECTED = "wake", "connected", "ack", "disconnected"
 
 
 class MqttError(DinowatchError):
@@ -107,9 +125,9 @@ def _json(payload: dict[str, Any]) -> bytes:
 
 
 def embedding_message(topics: Topics, *, device_id: str, path: str, source: str, sha256: str,
-                      width: int | None, height: int | None, model_name: str,
-                      model_sha256: str | None, vector: np.ndarray, encoding: str,
-                      qos: int) -> Message:
+                      width: int | None, height: int | None, model: dict[str, object],
+                      vector: np.ndarray, encoding: str, qos: int) -> Message:
+    """DESIGN's `embedding` payload; `model` is `ModelIdentity.payload()`."""
     values = np.asarray(vector, dtype="<f4").reshape(-1)
     if encoding == "base64":
         encoded: str | list[float] | None = base64.b64encode(values.tobytes()).decode("ascii")
@@ -121,7 +139,7 @@ def embedding_message(topics: Topics, *, device_id: str, path: str, source: str,
         raise ValueError(f"unknown vector encoding {encoding!r}")
     payload = {"id": message_id(device_id, path, sha256), **path_fields(path),
                "source": source, "sha256": sha256, "width": width, "height": height,
-               "ts": utc_now(), "model": {"name": model_name, "sha256": model_sha256},
+               "ts": utc_now(), "model": model,
                "dim": int(values.size), "vector": encoded}
     return Message(topics.embedding, _json(payload), qos=qos)
 
@@ -148,11 +166,26 @@ def _preview(payload: bytes) -> str:
 
 # ---- client -------------------------------------------------------------------------------
 
+class _Client(paho.Client):
+    """paho's client, keeping why the last connection attempt failed: paho's loop swallows
+    the exception (a refused TCP connect, a TLS certificate that does not verify) and calls
+    on_connect_fail without it."""
+
+    connect_error: OSError | None = None
+
+    def reconnect(self) -> MQTTErrorCode:
+        try:
+            return super().reconnect()
+        except OSError as err:
+            self.connect_error = err
+            raise
+
+
 def build_client(settings: MqttSettings, device_id: str) -> paho.Client:
     """A configured, unconnected paho client (the Will is set; connecting is the caller's)."""
     protocol = paho.MQTTv5 if settings.protocol == "5" else paho.MQTTv311
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"dinowatch-{device_id}",
-                         protocol=protocol)
+    client = _Client(CallbackAPIVersion.VERSION2, client_id=f"dinowatch-{device_id}",
+                     protocol=protocol)
     if settings.username is not None:
         client.username_pw_set(settings.username, settings.password())
     if settings.tls.enabled:
@@ -198,13 +231,24 @@ class Publisher:
         self._events: queue.Queue[tuple[str, int, str | None]] = queue.Queue()
         self._stop = threading.Event()
         self._drainer: threading.Thread | None = None
+        self.activity = Activity("the MQTT drain")  # beats each time round the drain loop
+        self._taken_over = False  # another client took our session (logged once)
+        self._drops: deque[float] = deque()  # when the broker dropped an established connection
         self._connected = False
         self._unsent: deque[Message] = deque(maxlen=UNSENT_MAX)
         self._last_error: str | None = None
         self._logged_error: str | None = None  # each distinct refusal/outage is logged once
+        # From the broker's CONNACK (written on paho's thread, read by the drain):
+        self._epoch = 0                  # successful connects so far
+        self._window = WINDOW            # in flight at most: ours, or the broker's if smaller
+        self._max_packet: int | None = None  # the broker's Maximum Packet Size, if it said
+        self._direct: set[int] = set()   # mids of publish_now messages awaiting PUBACK
         # Owned by the drain thread (and by stop() once that thread has ended):
-        self._cursor = 0                 # seq of the last row handed to paho
-        self._inflight: dict[int, int] = {}  # paho mid -> outbox seq, awaiting PUBACK
+        self._ready = 0                  # the connect whose rewind the drain has done
+        self._cursor = 0                 # highest seq handed to paho since that rewind
+        # paho mid -> (outbox seq, monotonic time sent), awaiting PUBACK, in send order:
+        self._inflight: dict[int, tuple[int, float]] = {}
+        self._retry_at: dict[int, float] = {}  # outbox seq -> monotonic time of its retry
         self._client.on_pre_connect = _guarded(self._on_pre_connect)
         self._client.on_connect = _guarded(self._on_connect)
         self._client.on_connect_fail = _guarded(self._on_connect_fail)
@@ -224,8 +268,25 @@ class Publisher:
         """The drain thread runs (systemd's watchdog depends on it)."""
         return self._drainer is not None and self._drainer.is_alive()
 
+    @property
+    def window(self) -> int:
+        """Outbox messages in flight at most: WINDOW, or the broker's Receive Maximum."""
+        return self._window
+
+    @property
+    def max_packet_size(self) -> int | None:
+        """The broker's Maximum Packet Size from its last CONNACK (None: it set none)."""
+        return self._max_packet
+
     def start(self) -> None:
         """Connect in the background; returns at once, paho reconnects forever with backoff."""
+        now = time.time()  # rows waiting for a retry keep waiting across a restart
+        for seq, due in self._store.outbox_retries().items():
+            try:
+                wait = datetime.fromisoformat(due).timestamp() - now
+            except ValueError:
+                continue
+            self._retry_at[seq] = time.monotonic() + min(max(wait, 0.0), RETRY_MAX_SECONDS)
         self._client.connect_async(self.settings.host, self.settings.port,
                                    keepalive=self.settings.keepalive)
         self._client.loop_start()
@@ -244,9 +305,14 @@ class Publisher:
         """Send past the outbox: for what cannot wait for, or be written to, the database
         (retained stats, a full disk). While disconnected the latest few are kept in memory
         and sent on the next connect."""
-        if self._connected:
-            self._client.publish(message.topic, message.payload, qos=message.qos,
-                                 retain=message.retain)
+        if not self._fits(message.topic, message.payload, message.qos):
+            log.error("not publishing %d bytes on %s: over the broker's Maximum Packet Size "
+                      "(%s bytes)", len(message.payload), message.topic, self._max_packet)
+        elif self._connected:
+            info = self._client.publish(message.topic, message.payload, qos=message.qos,
+                                        retain=message.retain)
+            if message.qos > 0:
+                self._direct.add(info.mid)
         else:
             self._unsent.append(message)
 
@@ -286,27 +352,92 @@ class Publisher:
             self._report(f"broker {self._broker} refused the connection "
                          f"(user {user!r}): {reason}; retrying")
             return
+        # MQTT 5 CONNACK: honour the broker's Maximum Packet Size and Receive Maximum.
+        self._max_packet = getattr(properties, "MaximumPacketSize", None)
+        window = min(WINDOW, max(1, getattr(properties, "ReceiveMaximum", WINDOW)))
+        if window != self._window:
+            self._follow_window(client, window)
+        # paho would re-send every unacknowledged message itself, again after every reconnect
+        # if one of them is what ends the connection. Take them back: the drain sends outbox
+        # rows again (it counts their attempts), direct messages go once more below.
+        drop = getattr(client, "drop_out_messages", None)  # paho >= 2.2; fakes may lack it
+        held = drop() if drop is not None else []
+        direct, self._direct = self._direct, set()
         self._connected, self._last_error, self._logged_error = True, None, None
+        self._epoch += 1
         client.publish(self.topics.status, "online", qos=1, retain=True)
+        again = [Message(m.topic, m.payload, m.qos, m.retain) for m in held if m.mid in direct]
+        for message in again:  # not tracked: a message is re-sent at most once
+            if self._fits(message.topic, message.payload, message.qos):
+                client.publish(message.topic, message.payload, qos=message.qos,
+                               retain=message.retain)
         while self._unsent:
             message = self._unsent.popleft()
-            client.publish(message.topic, message.payload, qos=message.qos,
-                           retain=message.retain)
+            if self._fits(message.topic, message.payload, message.qos):
+                info = client.publish(message.topic, message.payload, qos=message.qos,
+                                      retain=message.retain)
+                self._direct.add(info.mid)
         log.info("connected to MQTT broker %s (MQTT %s)", self._broker, self.settings.protocol)
-        self._events.put((_CONNECTED, 0, None))
+        if self._max_packet is not None or window < WINDOW:
+            log.info("broker limits: packets up to %s bytes, %d messages in flight",
+                     self._max_packet or "any", window)
+        self._events.put((_CONNECTED, self._epoch, None))
+
+    def _follow_window(self, client: paho.Client, window: int) -> None:
+        """paho's own in-flight limit follows the window, so `online`, stats and outbox rows
+        together never exceed the broker's Receive Maximum: paho queues the rest. paho's
+        setter refuses while connected, and the broker's value only arrives then; the
+        attribute it guards is read on every publish and acknowledgement, and nothing is in
+        flight yet (held messages were just dropped)."""
+        self._window = window
+        try:
+            client.max_inflight_messages_set(window)
+        except RuntimeError:
+            client._max_inflight_messages = window
 
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
-        self._report(f"cannot reach MQTT broker {self._broker}; retrying", level=logging.WARNING)
+        err = getattr(client, "connect_error", None)
+        if isinstance(err, ssl.SSLError):  # a setup error, not an outage: say so loudly
+            why = (f"certificate verify failed: {err.verify_message}"
+                   if isinstance(err, ssl.SSLCertVerificationError) else err.reason or err)
+            self._report(f"TLS with MQTT broker {self._broker} failed: {why} (check "
+                         "mqtt.tls.ca_certs, certfile and keyfile); retrying")
+            return
+        self._report(f"cannot reach MQTT broker {self._broker}"
+                     f"{f': {err.strerror or err}' if err else ''}; retrying",
+                     level=logging.WARNING)
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any,
                        reason: Any, properties: Any) -> None:
         was_connected, self._connected = self._connected, False
-        if was_connected and not self._stop.is_set():
+        stopping = self._stop.is_set()
+        if was_connected and not stopping:
+            now = time.monotonic()
+            self._drops.append(now)
+            while self._drops and self._drops[0] < now - CLASH_WINDOW_SECONDS:
+                self._drops.popleft()
+        # Two instances with one client id take the session from each other for ever. An
+        # MQTT 5 broker may say so (reason 0x8E); Mosquitto 2.0 just closes the older
+        # connection, so a connection the broker keeps dropping right after accepting it is
+        # the other sign. Said once, at ERROR: each reconnect would repeat it.
+        if getattr(reason, "value", None) == SESSION_TAKEN_OVER or \
+                len(self._drops) >= CLASH_DROPS:
+            self._last_error = (f"MQTT broker {self._broker} keeps closing our connection "
+                                f"(client id dinowatch-{self.topics.device_id}) right after "
+                                "accepting it: most likely two dinowatch instances use the "
+                                "same device_id; give each its own (device_id in the config)")
+            log.log(logging.DEBUG if self._taken_over else logging.ERROR, "%s",
+                    self._last_error)
+            self._taken_over = True
+        elif was_connected and not stopping:
             self._report(f"lost the connection to MQTT broker {self._broker} ({reason}); "
                          "reconnecting", level=logging.WARNING)
+        if was_connected and not stopping:
+            self._events.put((_DISCONNECTED, getattr(reason, "value", 0), str(reason)))
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int,
                     reason: Any, properties: Any) -> None:
+        self._direct.discard(mid)
         self._events.put((_ACK, mid, str(reason) if reason.is_failure else None))
 
     def _report(self, error: str, level: int = logging.ERROR) -> None:
@@ -318,6 +449,7 @@ class Publisher:
     def _drain(self) -> None:
         more = False
         while not self._stop.is_set():
+            self.activity.beat()
             try:
                 self._handle_events(0 if more else IDLE_POLL_SECONDS)
                 more = self._connected and not self._stop.is_set() and self._send()
@@ -335,51 +467,154 @@ class Publisher:
         except queue.Empty:
             return
 
-    def _handle(self, kind: str, mid: int, failure: str | None) -> None:
+    def _handle(self, kind: str, mid: int, detail: str | None) -> None:
         if kind == _ACK:
-            seq = self._inflight.pop(mid, None)
-            if seq is None:  # status, stats or an already settled mid
+            sent = self._inflight.pop(mid, None)
+            if sent is None:  # status, stats or an already settled mid
                 return
-            if failure:  # kept: re-sent after the next reconnect, e.g. once an ACL is fixed
-                log.warning("broker refused outbox message %d: %s; keeping it", seq, failure)
+            if detail:  # a negative PUBACK (e.g. an ACL): tried again later, then parked
+                self._failed(sent[0], "Refused", f"the broker refused it: {detail}")
                 return
-            self._store.ack(seq)
-        elif kind == _CONNECTED and not self._inflight:
-            # paho keeps unacknowledged QoS>0 messages across reconnects and re-sends them,
-            # so the mid map stays valid and the cursor moves on. When nothing is in flight,
-            # rewind to the oldest row instead: a row paho no longer holds is sent again
-            # (at-least-once; ids are stable so consumers de-duplicate). The empty write
-            # waits for the store's writer, so acks queued before are committed first.
+            self._retry_at.pop(sent[0], None)
+            self._store.ack(sent[0])
+        elif kind == _DISCONNECTED and mid not in INNOCENT_DISCONNECTS:
+            self._blame(detail)
+        elif kind == _CONNECTED:
+            # on_connect took back what paho held: every unacknowledged row is sent again,
+            # from the oldest (at-least-once; ids are stable so consumers de-duplicate). The
+            # empty write waits for the store's writer, so acks queued before are committed.
+            self._inflight.clear()
             self._store.enqueue([])
             self._cursor = 0
+            self._ready = mid
+
+    def _blame(self, reason: str | None) -> None:
+        """The connection ended with rows in flight. A broker takes a client's messages in
+        order, so if one of them ended it, it is the oldest unacknowledged one: that is a
+        failed attempt of that row if the end came right after sending it (an outage noticed
+        later, by the keep-alive, is nobody's fault)."""
+        if self._stop.is_set() or not self._inflight:
+            return
+        seq, sent_at = next(iter(self._inflight.values()))
+        if time.monotonic() - sent_at <= BLAME_SECONDS:
+            self._failed(seq, "ConnectionClosed",
+                         f"the connection ended while it was in flight ({reason})")
+
+    def _failed(self, seq: int, kind: str, why: str) -> None:
+        """One more failed attempt for outbox row `seq`: retry after a backoff, or park it
+        when MAX_ATTEMPTS are used up. Rows after it keep flowing meanwhile."""
+        attempts = self._store.outbox_attempts(seq)
+        if attempts is None:  # gone meanwhile
+            self._retry_at.pop(seq, None)
+            return
+        attempts += 1
+        if attempts >= MAX_ATTEMPTS:
+            for row in self._store.outbox_rows([seq]):
+                self._park(row, kind, f"{why}; gave up after {attempts} attempts", attempts)
+            return
+        delay = min(RETRY_FIRST_SECONDS * 2 ** (attempts - 1), RETRY_MAX_SECONDS)
+        self._retry_at[seq] = time.monotonic() + delay
+        due = datetime.now(UTC) + timedelta(seconds=delay)
+        self._store.note_failure(seq, attempts, f"{kind}: {why}",
+                                 due.isoformat(timespec="milliseconds").replace("+00:00", "Z"))
+        log.warning("outbox message %d: %s; attempt %d of %d failed, next in %.1f s", seq, why,
+                    attempts, MAX_ATTEMPTS, delay)
+
+    def _park(self, row: OutboxMessage, kind: str, why: str, attempts: int | None = None) -> None:
+        """Move a row that cannot be delivered to the dead letters, reported once on `error`
+        (the report is an outbox row too; if it cannot be delivered either, it is parked
+        without a report of its own)."""
+        self._retry_at.pop(row.seq, None)
+        if attempts is None:
+            attempts = self._store.outbox_attempts(row.seq) or 0
+        report = error_message(
+            self.topics, path=self._image_path(row.payload), error=kind, qos=self.settings.qos,
+            message=f"outbox message {row.seq} on {row.topic} ({len(row.payload)} bytes) is "
+                    f"parked: {why}. `dinowatch outbox retry {row.seq}` sends it again")
+        if self._store.park(row.seq, attempts, f"{kind}: {why}", report):
+            log.error("parked outbox message %d on %s (%d bytes): %s", row.seq, row.topic,
+                      len(row.payload), why)
+
+    @staticmethod
+    def _image_path(payload: bytes) -> str | None:
+        """The image a message is about (its `path_bytes`, else its `path`), if it names one."""
+        try:
+            body = json.loads(payload)
+            exact = body.get("path_bytes") if isinstance(body, dict) else None
+            if isinstance(exact, str):
+                return os.fsdecode(base64.b64decode(exact, validate=True))
+            path = body.get("path") if isinstance(body, dict) else None
+        except ValueError:  # not JSON, not UTF-8, not base64
+            return None
+        return path if isinstance(path, str) else None
+
+    @staticmethod
+    def packet_size(topic: str, payload: bytes, qos: int, mqtt5: bool = True) -> int:
+        """Bytes of the PUBLISH packet paho sends for a message: the fixed header byte, the
+        remaining length (1-4 bytes), the topic and its length, the packet id (QoS > 0), the
+        properties (MQTT 5; we send none: one length byte) and the payload."""
+        remaining = 2 + len(topic.encode()) + (2 if qos else 0) + int(mqtt5) + len(payload)
+        length = 1 if remaining < 128 else 2 if remaining < 16_384 else \
+            3 if remaining < 2_097_152 else 4
+        return 1 + length + remaining
+
+    def _fits(self, topic: str, payload: bytes, qos: int) -> bool:
+        limit = self._max_packet
+        return limit is None or self.packet_size(topic, payload, qos,
+                                                 self.settings.protocol == "5") <= limit
 
     def _send(self) -> bool:
-        """Fill the window; True when more rows may be waiting and the window has room."""
-        free = WINDOW - len(self._inflight)
+        """Fill the window: rows whose retry is due, then new rows in seq order (a row that
+        waits for its retry is passed over, the ones after it go on). True when more rows may
+        be waiting and the window has room."""
+        if self._ready != self._epoch:
+            return False  # the rewind after connecting comes first (see _handle)
+        free = self._window - len(self._inflight)
         if free <= 0:
             return False
-        rows = self._store.outbox_after(self._cursor, free)
-        for row in rows:
-            try:
-                info = self._client.publish(row.topic, row.payload, qos=row.qos,
-                                            retain=row.retain)
-            except ValueError as err:  # a row paho can never send must not block the rest
-                log.error("dropping outbox message %d on %s: %s", row.seq, row.topic, err)
-                self._store.ack(row.seq)
-                self._cursor = row.seq
+        now = time.monotonic()
+        flying = {seq for seq, _ in self._inflight.values()}
+        due = sorted(seq for seq, at in self._retry_at.items()
+                     if at <= now and seq <= self._cursor and seq not in flying)[:free]
+        retries = self._store.outbox_rows(due)
+        for seq in set(due) - {row.seq for row in retries}:
+            del self._retry_at[seq]  # acknowledged or parked meanwhile
+        limit = free - len(retries)
+        rows = self._store.outbox_after(self._cursor, limit) if limit else []
+        for row in [*retries, *rows]:
+            if row.seq > self._cursor and self._retry_at.get(row.seq, now) > now:
+                self._cursor = row.seq  # waits for its retry; picked up when it is due
                 continue
-            # NO_CONN for QoS>0: paho has queued it and sends it after reconnecting.
-            held = info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and row.qos > 0
-            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS and not held:
-                log.debug("publish of outbox message %d deferred: %s", row.seq,
-                          paho.error_string(info.rc))
+            if not self._publish(row):
                 return False  # not advanced: retried after reconnecting
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("sent outbox message %d (mid %d) on %s: %s", row.seq, info.mid,
-                          row.topic, _preview(row.payload))
-            self._cursor = row.seq
-            if row.qos == 0:
-                self._store.ack(row.seq)
-            else:
-                self._inflight[info.mid] = row.seq
-        return len(rows) == free and len(self._inflight) < WINDOW
+            self._cursor = max(self._cursor, row.seq)
+        return bool(limit) and len(rows) == limit and len(self._inflight) < self._window
+
+    def _publish(self, row: OutboxMessage) -> bool:
+        """Hand one row to paho; False if paho cannot take it now."""
+        if not self._fits(row.topic, row.payload, row.qos):
+            size = self.packet_size(row.topic, row.payload, row.qos,
+                                    self.settings.protocol == "5")
+            self._park(row, "MessageTooLarge", f"its PUBLISH packet is {size} bytes, the "
+                                               f"broker accepts at most {self._max_packet}")
+            return True
+        try:
+            info = self._client.publish(row.topic, row.payload, qos=row.qos, retain=row.retain)
+        except ValueError as err:  # a row paho can never send must not block the rest
+            self._park(row, "InvalidMessage", str(err))
+            return True
+        # NO_CONN for QoS>0: paho has queued it (dropped and sent again after reconnecting).
+        held = info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and row.qos > 0
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS and not held:
+            log.debug("publish of outbox message %d deferred: %s", row.seq,
+                      paho.error_string(info.rc))
+            return False
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("sent outbox message %d (mid %d) on %s: %s", row.seq, info.mid,
+                      row.topic, _preview(row.payload))
+        if row.qos == 0:
+            self._retry_at.pop(row.seq, None)
+            self._store.ack(row.seq)
+        else:
+            self._inflight[info.mid] = (row.seq, time.monotonic())
+        return True

@@ -31,8 +31,9 @@ import numpy as np
 
 from dinowatch.embedder import DinoEmbedder, Prepared
 from dinowatch.errors import readable
+from dinowatch.health import Activity
 from dinowatch.imaging import ImageError, ImageTooLarge
-from dinowatch.store import ImageRecord, Message, Store, StoreUnavailable
+from dinowatch.store import ImageRecord, Message, Store, StoreUnavailable, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ PREPARED_QUEUE = 8  # decoded tensors waiting for inference (600 KB each)
 RATE_WINDOW_SECONDS = 60.0
 READ_ATTEMPTS = 5  # reads of a file that keeps changing before it goes to the back of the queue
 REREAD_PAUSE = 0.1  # seconds, times the attempt number
+PER_IMAGE_LOG_LIMIT = 10  # INFO lines for single images per minute; the daemon sums up the rest
 STORE_PROBE_SECONDS = 5.0  # while the store takes no writes: how often to try one again
 # O_NONBLOCK: opening a FIFO must not wait for a writer; it changes nothing for regular files.
 OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
@@ -166,6 +168,9 @@ class Pipeline:
         self._completed: deque[float] = deque()
         self.outcomes: Counter[str] = Counter()
         self.paused: StoreUnavailable | None = None  # why intake is paused, if it is
+        self.last_recorded: str | None = None  # ISO 8601 UTC time of the last image recorded
+        self.decode_activity = Activity("decoding")
+        self.inference_activity = Activity("inference")
         self._submitted = 0
         self._finished = 0
 
@@ -233,6 +238,9 @@ class Pipeline:
                 now = time.monotonic()
                 self._completed.append(now)
                 self._forget_old(now)
+                self.last_recorded = utc_now()
+                if len(self._completed) <= PER_IMAGE_LOG_LIMIT:
+                    log.info("embedded %s", readable(job.path))
         self.work.done(job)
 
     def _forget_old(self, now: float) -> None:
@@ -244,7 +252,8 @@ class Pipeline:
         while (job := self.work.take()) is not None:
             outcome: str | None = None
             try:
-                outcome = self._settle_gone(job) if job.gone else self._decode(job)
+                with self.decode_activity.working():
+                    outcome = self._settle_gone(job) if job.gone else self._decode(job)
             except Exception as err:  # a bug must still leave the file in a visible state
                 outcome = self._unexpected(job, err)
             finally:
@@ -340,7 +349,8 @@ class Pipeline:
                     stop_after = True
                     break
                 batch.append(item)
-            self._embed(batch)
+            with self.inference_activity.working():
+                self._embed(batch)
             if stop_after:
                 return
 

@@ -67,6 +67,28 @@ MIGRATIONS = [
     );
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # 2: poison messages. A row the broker refuses, or that ends the connection, is retried
+    # a bounded number of times (attempts, last_error, next_attempt_at), then parked in
+    # dead_letters under its original seq. report_of: this row reports the parking of that
+    # seq (a parked report is not reported again).
+    """
+    ALTER TABLE outbox ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE outbox ADD COLUMN next_attempt_at TEXT;
+    ALTER TABLE outbox ADD COLUMN last_error TEXT;
+    ALTER TABLE outbox ADD COLUMN report_of INTEGER;
+    CREATE TABLE dead_letters (
+        seq INTEGER PRIMARY KEY,
+        topic TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        qos INTEGER NOT NULL,
+        retain INTEGER NOT NULL,
+        created_at TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        error TEXT NOT NULL,
+        parked_at TEXT NOT NULL,
+        report_of INTEGER
+    );
+    """,
 ]
 
 
@@ -244,11 +266,12 @@ class Store:
             connection = self._local.connection = self._connect()
         return connection
 
-    def close(self) -> None:
-        """Finish queued writes, then stop the writer."""
+    def close(self, timeout: float | None = None) -> bool:
+        """Finish queued writes, then stop the writer; False if it had not within `timeout`."""
         if self._writer.is_alive():
             self._jobs.put(None)
-            self._writer.join()
+            self._writer.join(timeout)
+        return not self._writer.is_alive()
 
     # -- writes ---------------------------------------------------------------------------
     def record(self, image: ImageRecord, vector: np.ndarray | None,
@@ -365,6 +388,99 @@ class Store:
         row = self._reader.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
+    # -- poison messages: retries and dead letters ------------------------------------------
+    def outbox_rows(self, seqs: Iterable[int]) -> list[OutboxMessage]:
+        """These outbox rows, those that are still there, in seq order."""
+        wanted = sorted(set(seqs))
+        rows = self._reader.execute(
+            "SELECT seq, topic, payload, qos, retain FROM outbox WHERE seq IN "
+            f"({','.join('?' * len(wanted))}) ORDER BY seq", wanted) if wanted else []
+        return [OutboxMessage(topic=r["topic"], payload=bytes(r["payload"]), qos=r["qos"],
+                              retain=bool(r["retain"]), seq=r["seq"]) for r in rows]
+
+    def outbox_attempts(self, seq: int) -> int | None:
+        """Failed attempts so far of outbox row `seq` (None: no such row, e.g. acknowledged)."""
+        row = self._reader.execute("SELECT attempts FROM outbox WHERE seq = ?",
+                                   (seq,)).fetchone()
+        return row[0] if row else None
+
+    def outbox_retries(self) -> dict[int, str]:
+        """seq -> next_attempt_at (ISO 8601 UTC) of the rows waiting to be tried again."""
+        rows = self._reader.execute(
+            "SELECT seq, next_attempt_at FROM outbox WHERE next_attempt_at IS NOT NULL")
+        return {row[0]: row[1] for row in rows}
+
+    def note_failure(self, seq: int, attempts: int, error: str, next_attempt_at: str) -> None:
+        """Outbox row `seq` failed `attempts` times so far, the last with `error`."""
+        self._write(lambda db: db.execute(
+            "UPDATE outbox SET attempts = ?, last_error = ?, next_attempt_at = ? WHERE seq = ?",
+            (attempts, error, next_attempt_at, seq)))
+
+    def park(self, seq: int, attempts: int, error: str, report: Message | None) -> bool:
+        """Move outbox row `seq` to the dead letters, and queue `report` (its one report on
+        `error`) in the same transaction, unless the row is itself such a report: a report
+        can never poison the outbox. False if there is no such row."""
+
+        def work(db: sqlite3.Connection) -> bool:
+            row = db.execute("SELECT * FROM outbox WHERE seq = ?", (seq,)).fetchone()
+            if row is None:
+                return False
+            db.execute(
+                "INSERT INTO dead_letters (seq, topic, payload, qos, retain, created_at, "
+                "attempts, error, parked_at, report_of) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (seq, row["topic"], row["payload"], row["qos"], row["retain"],
+                 row["created_at"], attempts, error, utc_now(), row["report_of"]))
+            db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+            if report is not None and row["report_of"] is None:
+                db.execute(
+                    "INSERT INTO outbox (topic, payload, qos, retain, created_at, report_of) "
+                    "VALUES (?,?,?,?,?,?)", (report.topic, report.payload, report.qos,
+                                             int(report.retain), utc_now(), seq))
+            return True
+
+        return bool(self._write(work))
+
+    def dead_letter_count(self) -> int:
+        return self._reader.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """The parked messages, oldest seq first."""
+        rows = self._reader.execute(f"SELECT {_DEAD_LETTER_COLUMNS} FROM dead_letters "
+                                    "ORDER BY seq")
+        return [_dead_letter(row) for row in rows]
+
+    def retry_dead_letters(self, seqs: Iterable[int] | None) -> list[tuple[int, int]]:
+        """Move parked messages (None: all) back to the end of the outbox as new rows, in the
+        order of their original seq, with a fresh retry budget. Returns (old, new) seqs.
+        Raises NotParked, changing nothing, if any of `seqs` is not parked."""
+        wanted = None if seqs is None else sorted(set(seqs))
+
+        def work(db: sqlite3.Connection) -> list[tuple[int, int]]:
+            moved = []
+            for row in _parked(db, wanted):
+                cursor = db.execute(
+                    "INSERT INTO outbox (topic, payload, qos, retain, created_at, report_of) "
+                    "VALUES (?,?,?,?,?,?)", (row["topic"], row["payload"], row["qos"],
+                                             row["retain"], row["created_at"],
+                                             row["report_of"]))
+                db.execute("DELETE FROM dead_letters WHERE seq = ?", (row["seq"],))
+                moved.append((row["seq"], int(cursor.lastrowid or 0)))
+            return moved
+
+        return self._write(work) or []
+
+    def drop_dead_letters(self, seqs: Iterable[int] | None) -> list[int]:
+        """Delete parked messages (None: all); returns their seqs. Raises NotParked, changing
+        nothing, if any of `seqs` is not parked."""
+        wanted = None if seqs is None else sorted(set(seqs))
+
+        def work(db: sqlite3.Connection) -> list[int]:
+            dropped = [row["seq"] for row in _parked(db, wanted)]
+            db.executemany("DELETE FROM dead_letters WHERE seq = ?", [(s,) for s in dropped])
+            return dropped
+
+        return self._write(work) or []
+
 
 def _unavailable(path: Path, err: BaseException) -> StoreUnavailable | None:
     """SQLite's transient failures as our own errors (primary result codes, sqlite.org/rescode)."""
@@ -386,3 +502,48 @@ def _insert_messages(db: sqlite3.Connection, messages: list[Message]) -> None:
     db.executemany(
         "INSERT INTO outbox (topic, payload, qos, retain, created_at) VALUES (?,?,?,?,?)",
         [(m.topic, m.payload, m.qos, int(m.retain), now) for m in messages])
+
+
+# ---- dead letters ---------------------------------------------------------------------------
+
+class NotParked(StoreError):
+    """Some of the seqs asked for are not in the dead letters."""
+
+    def __init__(self, seqs: list[int]) -> None:
+        super().__init__(f"no parked message with seq {', '.join(map(str, seqs))}")
+        self.seqs = seqs
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """An outbox message parked after the broker refused it (or could never take it)."""
+
+    seq: int  # its seq in the outbox
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    created_at: str
+    attempts: int
+    error: str
+    parked_at: str
+
+
+_DEAD_LETTER_COLUMNS = "seq, topic, payload, qos, retain, created_at, attempts, error, parked_at"
+
+
+def _dead_letter(row: sqlite3.Row) -> DeadLetter:
+    return DeadLetter(**(dict(row) | {"payload": bytes(row["payload"]),
+                                      "retain": bool(row["retain"])}))
+
+
+def _parked(db: sqlite3.Connection, seqs: list[int] | None) -> list[sqlite3.Row]:
+    """Dead-letter rows by seq (None: all), oldest first; NotParked if any is missing."""
+    rows = db.execute("SELECT * FROM dead_letters ORDER BY seq").fetchall()
+    if seqs is None:
+        return rows
+    found = {row["seq"]: row for row in rows}
+    missing = [seq for seq in seqs if seq not in found]
+    if missing:
+        raise NotParked(missing)
+    return [found[seq] for seq in seqs]

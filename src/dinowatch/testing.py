@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dinowatch.models import STAND_IN_PRODUCER
+
 OPSET = 17  # LayerNormalization arrived in opset 17
 
 
@@ -173,7 +175,7 @@ def build_model(variant: str = "full", *, seed: int = 0, all_tokens: bool = Fals
         g.initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="dinowatch.testing", ir_version=8)
+                              producer_name=STAND_IN_PRODUCER, ir_version=8)
     checker.check_model(model)
     return model.SerializeToString()
 

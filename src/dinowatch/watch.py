@@ -51,6 +51,8 @@ from watchdog.observers.inotify_c import (
 from watchdog.observers.polling import PollingObserverVFS
 
 from dinowatch.config import WatchSettings
+from dinowatch.errors import readable
+from dinowatch.health import Activity
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +244,7 @@ class FolderWatcher:
         self._rescan = True
         self._polling = watch.polling  # also set when inotify's limits are reached
         self._inotify_limit: OSError | None = None
+        self.activity = Activity(f"the watcher of {readable(watch.path)}")
         # Owned by the watcher thread alone:
         self._observer: BaseObserver | None = None
         self._identity: tuple[int, int] | None = None
@@ -257,16 +260,16 @@ class FolderWatcher:
         )
         self._thread.start()
 
-    def stop(self) -> None:
-        """Stop the observer and the watcher thread, and wait for them."""
+    def stop(self, timeout: float = JOIN_TIMEOUT) -> None:
+        """Stop the observer and the watcher thread; wait up to `timeout` s (0: do not wait)."""
         self._stopping.set()
         self._wake.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(JOIN_TIMEOUT)
+        if timeout and self._thread is not None and \
+                self._thread is not threading.current_thread():
+            self._thread.join(timeout)
             if self._thread.is_alive():
-                log.warning(
-                    "Watcher for %s did not stop within %s s", self.watch.path, JOIN_TIMEOUT
-                )
+                log.warning("Watcher for %s did not stop within %.0f s", self.watch.path,
+                            timeout)
 
     # -- watcher thread --------------------------------------------------------------------
 
@@ -275,6 +278,7 @@ class FolderWatcher:
         rescan_every = self.watch.rescan_minutes * 60
         next_rescan = time.monotonic() + rescan_every
         while not self._stopping.is_set():
+            self.activity.beat()
             try:
                 if rescan_every and time.monotonic() >= next_rescan:
                     log.debug("Reconciliation scan of %s", self.watch.path)
@@ -411,6 +415,7 @@ class FolderWatcher:
         present: set[Path] = set()
         try:
             for path in scan(self.watch):
+                self.activity.beat()  # a scan of 100 000 files is progress, not a hang
                 if self._stopping.is_set():
                     return
                 signature = _probe(path)

@@ -37,6 +37,7 @@ class Backend(Protocol):
 
     type_key: str
     input_spec: InputSpec
+    producer: str  # who made the model file, as the file says ("" when it does not)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """Run the model on a batch laid out as `input_spec` says; return its first output."""

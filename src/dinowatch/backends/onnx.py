@@ -52,6 +52,7 @@ class OnnxBackend:
             )
         except Exception as err:  # ORT raises its own untyped exceptions
             raise RuntimeError(f"cannot load ONNX model {model_path}: {err}") from err
+        self.producer: str = self._session.get_modelmeta().producer_name or ""
         model_input = self._session.get_inputs()[0]
         self._input_name = model_input.name
         height = model_input.shape[2] if len(model_input.shape) == 4 else None
