@@ -136,8 +136,10 @@ run_local() {
     say "virtualenv $venv"
     "$PY" -m venv --clear "$venv"
   fi
-  say "pip install ."
-  "$venv/bin/python" -m pip install -q .
+  # Editable, as scripts/test.sh installs it: the two share this venv and must not keep
+  # swapping the package under a running daemon; edits under src/ apply at the next start.
+  say "pip install -e ."
+  "$venv/bin/python" -m pip install -q -e .
   mkdir -p "$data" "$inbox"
 
   # The model. Same cache rule as the daemon: $DINOWATCH_MODEL_DIR, else data_dir/models.

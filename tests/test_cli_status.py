@@ -16,6 +16,7 @@ import pytest
 
 from daemon_process import DaemonProcess, wait_until, write_config
 from dinowatch.store import Store
+from dinowatch.testing import synthetic_photo
 
 ENV = {key: value for key, value in os.environ.items() if key != "DINOWATCH_CONFIG"}
 
@@ -114,7 +115,13 @@ def test_status_of_the_real_daemon_before_and_after_stop(tmp_path: Path,
                    "status to see the daemon running")
         text = status(config).stdout
         assert f"pid {daemon.process.pid}, no broker configured" in text.splitlines()[0]
+        assert text.splitlines()[1].startswith("model: stand-in:tiny.onnx (sha256 ")
+        assert "STAND-IN: random weights" in text.splitlines()[1]
+        synthetic_photo(160, 120, seed=5).save(inbox / "late.jpg")  # after the last report
+        wait_until(lambda: "embedded" in daemon.log(), 30, "the image embedded")
         assert daemon.stop() == 0
     line = status(config).stdout.splitlines()[0]
     assert line.startswith("daemon: not running (last report at "), line
-    assert status_json(config)["running"] is False
+    report = status_json(config)
+    assert report["running"] is False
+    assert report["processed"] == 1  # its last figures, written as it stopped

@@ -212,6 +212,12 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_OK
     images = report["images"]
     print(f"daemon: {_daemon_line(state, daemon.get('connected'), settings.mqtt is not None)}")
+    model = daemon.get("model")
+    if isinstance(model, dict):
+        print(f"model: {model.get('name')} (sha256 {str(model.get('sha256'))[:12]}…"
+              + (", pinned)" if model.get("pinned") else ", not the registry's pinned file)")
+              + (" STAND-IN: random weights, its vectors mean nothing" if model.get("stand_in")
+                 else ""))
     print(f"images: {images['done']} embedded, {images['failed']} failed, "
           f"{images['deleted']} deleted")
     print(f"outbox: {report['outbox']} messages waiting for the broker")

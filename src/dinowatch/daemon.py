@@ -317,7 +317,10 @@ class Daemon:
             watcher.stop(timeout=max(0.0, deadline - time.monotonic() - 5))
         if not self.pipeline.stop(max(1.0, deadline - time.monotonic() - 3)):
             log.warning("workers did not finish in time; the rest is redone at next start")
+        final = self.stats() | {"connected": False}  # the figures `status` shows from now on
+        self.store.put_meta("stats", json.dumps(final))
         if self.publisher:
+            self.publisher.publish_stats(final)  # retained: goes out before `offline`
             self.publisher.stop(timeout=max(0.5, min(3.0, deadline - time.monotonic() - 1)))
         if not self.store.close(timeout=max(0.5, deadline - time.monotonic())):
             log.warning("the database writer did not finish in time; SQLite's journal keeps "
