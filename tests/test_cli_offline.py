@@ -117,8 +117,7 @@ def test_embed_without_dns_is_one_error_within_2_s(how: str, tmp_path: Path,
     assert result.returncode == 1, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("dinowatch:")]
     assert len(errors) == 1, result.stderr
-    assert "is not available: offline (name resolution failed while fetching https://" \
-        in errors[0]
+    assert "is not available: offline (cannot connect while fetching https://" in errors[0]
     message = result.stderr
     assert "dinowatch model fetch dinov2-vits14" in message and "--model" in message
     assert str(data / "models") in message  # the configured data_dir's model cache

@@ -352,7 +352,19 @@ def test_a_second_instance_with_the_same_device_id_is_named_once(
         return [r for r in caplog.records if r.levelno == logging.ERROR
                 and "use the same device_id" in r.getMessage()]
 
-    wait_until(lambda: bool(clashes()), "the clash to be named", timeout=20)
+    wait_until(lambda: bool(clashes()), "the clash to be named", timeout=40)
     time.sleep(3)  # more swaps, each instance says it once at most (both log here)
     assert 1 <= len(clashes()) <= 2, [r.getMessage() for r in clashes()]
     assert f"client id dinowatch-{DEVICE}" in clashes()[0].getMessage()
+
+
+def test_broker_restarts_are_not_taken_for_a_device_id_clash(
+        mosquitto: Mosquitto, store: Store, publisher: MakePublisher,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    pub = publisher(mosquitto)
+    for _ in range(6):
+        wait_until(lambda: pub.connected, "a connection")
+        mosquitto.restart()
+    wait_until(lambda: pub.connected, "the last reconnect")
+    assert not [r for r in caplog.records if "same device_id" in r.getMessage()]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -138,3 +139,27 @@ def test_two_stock_pis_share_one_broker(tmp_path: Path, tiny_model: Path, mosqui
     finally:
         for daemon in daemons:
             daemon.stop()
+
+
+def test_a_paused_store_is_not_a_stuck_daemon(tmp_path: Path, tiny_model: Path, mosquitto,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the database is locked by another process (or its disk is full) intake waits on
+    purpose: systemd must not restart the daemon for that."""
+    with_fault(monkeypatch, "short-limits", tmp_path / "unused")
+    cfg = config(tmp_path, tiny_model, mosquitto, device_id="p")
+    with DaemonProcess(cfg, tmp_path) as daemon:
+        daemon.start(watchdog_usec=1_000_000)
+        other = sqlite3.connect(tmp_path / "data" / "dinowatch.db", isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")  # a backup tool, say
+        try:
+            synthetic_photo(160, 120, seed=7).save(tmp_path / "inbox" / "waiting.jpg")
+            wait_until(lambda: "intake paused" in daemon.log(), 30, "the pause")
+            daemon.collect(0.5)
+            pings = [n for n in daemon.collect(5) if "WATCHDOG=1" in n.splitlines()]
+            assert len(pings) >= 5, "the watchdog stopped during a deliberate pause"
+            assert "not telling systemd's watchdog" not in daemon.log()
+        finally:
+            other.execute("COMMIT")
+            other.close()
+        wait_until(lambda: "embedded" in daemon.log(), 30, "the image after the pause")
+        assert daemon.stop() == 0

@@ -196,6 +196,12 @@ class Daemon:
         """Open everything; SIGTERM meanwhile (a model fetch may take minutes) raises
         StopRequested at once instead of waiting for the start to finish."""
         settings = self.settings
+        hostname = socket.gethostname().split(".")[0]
+        if "device_id" not in settings.model_fields_set and settings.device_id != hostname:
+            log.warning("device_id is %s: the hostname %s is a distribution default, so a "
+                        "suffix from /etc/machine-id keeps two such devices apart (dinowatch "
+                        "before 0.2 used %s: set device_id: %s to keep those topics)",
+                        settings.device_id, hostname, hostname, hostname)
         self.store = open_store(settings)
         self._opened.append(self.store)
         notify("STATUS=loading model", f"EXTEND_TIMEOUT_USEC={LOAD_SECONDS * 1_000_000}")
@@ -240,6 +246,7 @@ class Daemon:
         ping_every = watchdog_interval()
         last_ping = last_stats = -math.inf
         last_summary, summarized = time.monotonic(), dict(self.pipeline.outcomes)
+        said_stuck: str | None = None
         was_connected = False
         while not self._stop.wait(TICK_SECONDS):
             now = time.monotonic()
@@ -260,9 +267,10 @@ class Daemon:
                 stuck = self._stuck_stage()
                 if stuck is None:
                     notify("WATCHDOG=1")
-                    last_ping = now
-                elif now - last_ping >= 2 * ping_every:
-                    log.error("%s; not telling systemd's watchdog all is well", stuck)
+                    last_ping, said_stuck = now, None
+                elif stuck[0] != said_stuck:  # once per stall, not at every tick
+                    log.error("%s; not telling systemd's watchdog all is well", stuck[1])
+                    said_stuck = stuck[0]
             if now - last_stats >= STATS_INTERVAL_SECONDS:
                 self._publish_stats()
                 last_stats = now
@@ -281,20 +289,23 @@ class Daemon:
             return "the MQTT drain thread ended"
         return None
 
-    def _stuck_stage(self) -> str | None:
-        """The first stage with work that has not moved for its limit, described."""
-        activities = [(self.pipeline.decode_activity, STUCK_SECONDS),
-                      (self.pipeline.inference_activity, STUCK_SECONDS),
-                      (self.store.activity, WRITE_TIMEOUT_SECONDS)]
+    def _stuck_stage(self) -> tuple[str, str] | None:
+        """The first stage with work that has not moved for its limit: (name, description)."""
+        activities = [(self.store.activity, WRITE_TIMEOUT_SECONDS)]
+        if self.pipeline.paused is None:  # a worker waiting for the store is not stuck
+            activities += [(self.pipeline.decode_activity, STUCK_SECONDS),
+                           (self.pipeline.inference_activity, STUCK_SECONDS)]
         for activity, limit in activities:
             if activity.stuck_for() > limit:
-                return f"{activity.name} has been on one item for {activity.stuck_for():.0f} s"
+                return activity.name, (f"{activity.name} has been on one item for "
+                                       f"{activity.stuck_for():.0f} s")
         polling = [watcher.activity for watcher in self._watchers.values()]
         if self.publisher is not None:
             polling.append(self.publisher.activity)
         for activity in polling:
             if activity.silent_for() > SILENT_SECONDS:
-                return f"{activity.name} has not come round for {activity.silent_for():.0f} s"
+                return activity.name, (f"{activity.name} has not come round for "
+                                       f"{activity.silent_for():.0f} s")
         return None
 
     def _log_summary(self, before: dict[str, int]) -> None:

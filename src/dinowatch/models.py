@@ -7,6 +7,7 @@ cached file is never fetched again, and no network is touched when it is present
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import http.client
 import logging
@@ -37,6 +38,8 @@ LOCK_TIMEOUT_SECONDS = 3600.0  # another process may be fetching 87 MB over a sl
 USER_AGENT = "dinowatch"
 MODEL_DIR_ENV = "DINOWATCH_MODEL_DIR"
 OFFLINE_ENV = "DINOWATCH_OFFLINE"
+OFFLINE_ERRORS = (socket.gaierror,)  # a refused connection (a server restarting) is retried
+OFFLINE_ERRNOS = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN}
 _TRUTHY = frozenset({"1", "true", "yes", "on"})
 # Statuses worth retrying; any other HTTP error will not go away by asking again.
 _RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -421,12 +424,13 @@ def _open(
         ) from err
     except (OSError, http.client.HTTPException) as err:
         reason = getattr(err, "reason", err)  # URLError wraps the socket's error
-        if isinstance(reason, socket.gaierror):
-            # No name resolution is being offline, like $DINOWATCH_OFFLINE: one error now.
-            # Retrying (1 + 2 + 4 + 8 + 16 s) would only delay it.
+        if isinstance(reason, OFFLINE_ERRORS) or getattr(reason, "errno", None) in OFFLINE_ERRNOS:
+            # No name resolution, no route to the network: offline, like
+            # $DINOWATCH_OFFLINE. One error now; retrying (1 + 2 + 4 + 8 + 16 s) would only
+            # delay it. A connection lost mid-download is retried (and resumed) instead.
             raise ModelUnavailable.for_entry(
-                entry, cache_dir, f"offline (name resolution failed while fetching "
-                f"{entry.url}: {reason})"
+                entry, cache_dir, f"offline (cannot connect while fetching {entry.url}: "
+                f"{reason})"
             ) from err
         raise _Transient(str(err)) from err
 

@@ -38,7 +38,10 @@ RECONNECT_MAX_SECONDS = 60  # paho retries after 1 s, doubling up to this (also 
 IDLE_POLL_SECONDS = 1.0     # the drain thread looks at the outbox at least this often
 DEBUG_PAYLOAD_CHARS = 200   # payloads are cut to this length in debug logs
 SESSION_TAKEN_OVER = 0x8E  # MQTT 5 DISCONNECT reason code (OASIS MQTT 5.0, 3.14.2.1)
-CLASH_DROPS, CLASH_WINDOW_SECONDS = 3, 30.0  # this many drops within: a client id clash
+# A client id clash: the broker drops this many connections within the window, each less
+# than CLASH_LIFETIME_SECONDS after accepting it, and every reconnect succeeds at once (a
+# broker restart or an outage makes an attempt fail, which starts the count again).
+CLASH_DROPS, CLASH_WINDOW_SECONDS, CLASH_LIFETIME_SECONDS = 10, 60.0, 5.0
 UNSENT_MAX = 16             # publish_now messages kept while disconnected (the latest)
 # Poison messages: an outbox message the broker refuses (negative PUBACK), or that ends the
 # connection, is tried again after RETRY_FIRST_SECONDS, doubling up to RETRY_MAX_SECONDS, and
@@ -233,7 +236,8 @@ class Publisher:
         self._drainer: threading.Thread | None = None
         self.activity = Activity("the MQTT drain")  # beats each time round the drain loop
         self._taken_over = False  # another client took our session (logged once)
-        self._drops: deque[float] = deque()  # when the broker dropped an established connection
+        self._drops: deque[float] = deque()  # when the broker dropped a young connection
+        self._connected_at = 0.0
         self._connected = False
         self._unsent: deque[Message] = deque(maxlen=UNSENT_MAX)
         self._last_error: str | None = None
@@ -245,6 +249,7 @@ class Publisher:
         self._direct: set[int] = set()   # mids of publish_now messages awaiting PUBACK
         # Owned by the drain thread (and by stop() once that thread has ended):
         self._ready = 0                  # the connect whose rewind the drain has done
+        self._suspect: int | None = None  # outbox seq that may have ended the last connection
         self._cursor = 0                 # highest seq handed to paho since that rewind
         # paho mid -> (outbox seq, monotonic time sent), awaiting PUBACK, in send order:
         self._inflight: dict[int, tuple[int, float]] = {}
@@ -364,6 +369,7 @@ class Publisher:
         held = drop() if drop is not None else []
         direct, self._direct = self._direct, set()
         self._connected, self._last_error, self._logged_error = True, None, None
+        self._connected_at = time.monotonic()
         self._epoch += 1
         client.publish(self.topics.status, "online", qos=1, retain=True)
         again = [Message(m.topic, m.payload, m.qos, m.retain) for m in held if m.mid in direct]
@@ -396,6 +402,7 @@ class Publisher:
             client._max_inflight_messages = window
 
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        self._drops.clear()  # the broker was away: those drops were an outage, not a clash
         err = getattr(client, "connect_error", None)
         if isinstance(err, ssl.SSLError):  # a setup error, not an outage: say so loudly
             why = (f"certificate verify failed: {err.verify_message}"
@@ -413,7 +420,12 @@ class Publisher:
         stopping = self._stop.is_set()
         if was_connected and not stopping:
             now = time.monotonic()
-            self._drops.append(now)
+            lived = now - self._connected_at
+            if lived < CLASH_LIFETIME_SECONDS:
+                self._drops.append(now)
+            elif lived > CLASH_WINDOW_SECONDS:
+                self._drops.clear()
+                self._taken_over = False  # a later clash is news again
             while self._drops and self._drops[0] < now - CLASH_WINDOW_SECONDS:
                 self._drops.popleft()
         # Two instances with one client id take the session from each other for ever. An
@@ -476,6 +488,8 @@ class Publisher:
                 self._failed(sent[0], "Refused", f"the broker refused it: {detail}")
                 return
             self._retry_at.pop(sent[0], None)
+            if sent[0] == self._suspect:  # acknowledged alone: it did not end the connection
+                self._suspect = None
             self._store.ack(sent[0])
         elif kind == _DISCONNECTED and mid not in INNOCENT_DISCONNECTS:
             self._blame(detail)
@@ -490,15 +504,20 @@ class Publisher:
 
     def _blame(self, reason: str | None) -> None:
         """The connection ended with rows in flight. A broker takes a client's messages in
-        order, so if one of them ended it, it is the oldest unacknowledged one: that is a
-        failed attempt of that row if the end came right after sending it (an outage noticed
-        later, by the keep-alive, is nobody's fault)."""
+        order, so if one of them ended it, it is the oldest unacknowledged one, sent just
+        before. That row only becomes a suspect: after reconnecting it is sent alone (see
+        `_send`), and only an end while it flies alone counts as a failed attempt. So a
+        broker restart or a Wi-Fi drop costs no message its retries."""
         if self._stop.is_set() or not self._inflight:
             return
+        flying = [seq for seq, _ in self._inflight.values()]
+        if self._suspect is not None and flying == [self._suspect]:
+            self._failed(self._suspect, "ConnectionClosed",
+                         f"the connection ended while it was in flight alone ({reason})")
+            return
         seq, sent_at = next(iter(self._inflight.values()))
-        if time.monotonic() - sent_at <= BLAME_SECONDS:
-            self._failed(seq, "ConnectionClosed",
-                         f"the connection ended while it was in flight ({reason})")
+        if self._suspect is None and time.monotonic() - sent_at <= BLAME_SECONDS:
+            self._suspect = seq
 
     def _failed(self, seq: int, kind: str, why: str) -> None:
         """One more failed attempt for outbox row `seq`: retry after a backoff, or park it
@@ -525,6 +544,8 @@ class Publisher:
         (the report is an outbox row too; if it cannot be delivered either, it is parked
         without a report of its own)."""
         self._retry_at.pop(row.seq, None)
+        if row.seq == self._suspect:
+            self._suspect = None
         if attempts is None:
             attempts = self._store.outbox_attempts(row.seq) or 0
         report = error_message(
@@ -569,26 +590,45 @@ class Publisher:
         be waiting and the window has room."""
         if self._ready != self._epoch:
             return False  # the rewind after connecting comes first (see _handle)
+        now = time.monotonic()
+        if self._suspect is not None and self._retry_at.get(self._suspect, now) <= now:
+            return self._send_suspect()
         free = self._window - len(self._inflight)
         if free <= 0:
             return False
-        now = time.monotonic()
         flying = {seq for seq, _ in self._inflight.values()}
         due = sorted(seq for seq, at in self._retry_at.items()
-                     if at <= now and seq <= self._cursor and seq not in flying)[:free]
+                     if at <= now and seq <= self._cursor and seq not in flying
+                     and seq != self._suspect)[:free]
         retries = self._store.outbox_rows(due)
         for seq in set(due) - {row.seq for row in retries}:
             del self._retry_at[seq]  # acknowledged or parked meanwhile
         limit = free - len(retries)
         rows = self._store.outbox_after(self._cursor, limit) if limit else []
         for row in [*retries, *rows]:
-            if row.seq > self._cursor and self._retry_at.get(row.seq, now) > now:
-                self._cursor = row.seq  # waits for its retry; picked up when it is due
+            if row.seq == self._suspect or (row.seq > self._cursor
+                                            and self._retry_at.get(row.seq, now) > now):
+                self._cursor = max(self._cursor, row.seq)  # sent on its own, when it is due
                 continue
             if not self._publish(row):
                 return False  # not advanced: retried after reconnecting
             self._cursor = max(self._cursor, row.seq)
         return bool(limit) and len(rows) == limit and len(self._inflight) < self._window
+
+    def _send_suspect(self) -> bool:
+        """The suspect's turn: once nothing else is in flight, it goes alone."""
+        if self._inflight:
+            return False  # the window drains first; nothing new goes out meanwhile
+        rows = self._store.outbox_rows([self._suspect]) if self._suspect is not None else []
+        if not rows:  # acknowledged or parked meanwhile
+            self._suspect = None
+            return True
+        self._retry_at.pop(rows[0].seq, None)
+        if self._publish(rows[0]):
+            # Rows before it were acknowledged or wait for their retry: the rewind may go on
+            # from here, and must not send it twice while its ack is being written.
+            self._cursor = max(self._cursor, rows[0].seq)
+        return False
 
     def _publish(self, row: OutboxMessage) -> bool:
         """Hand one row to paho; False if paho cannot take it now."""

@@ -7,6 +7,8 @@ DINOWATCH_FAULT; it arms once the file named by DINOWATCH_FAULT_TRIGGER exists:
   disk): the store's writer thread must stop and the daemon must exit non-zero.
 - `hang`: decoding a file whose name contains "hang" never returns (a hung network mount);
   the daemon's stall limits are shortened so the watchdog notices within seconds.
+- `short-limits`: no fault, only the stall limit, the database's busy timeout and the store
+  probe shortened, so a test sees in seconds what takes minutes in the field.
 """
 
 from __future__ import annotations
@@ -51,6 +53,13 @@ if FAULT == "writer":
         _write_loop(self, _FailingConnection(connection))  # type: ignore[arg-type]
 
     store.Store._write_loop = _failing_write_loop  # type: ignore[method-assign]
+
+elif FAULT == "short-limits":
+    from dinowatch import daemon, pipeline, store
+
+    daemon.STUCK_SECONDS = 2.0
+    store.BUSY_TIMEOUT_SECONDS = 0.5
+    pipeline.STORE_PROBE_SECONDS = 0.5
 
 elif FAULT == "hang":
     from dinowatch import daemon, embedder
