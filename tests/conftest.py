@@ -19,6 +19,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from dinowatch import mqtt as mqtt_module
 from dinowatch.config import MqttSettings
 from dinowatch.mqtt import Publisher
 from dinowatch.store import Store
@@ -327,6 +328,14 @@ def subscriber_factory() -> Iterator[Callable[..., Subscriber]]:
 # ---- a real Publisher on a real Store -------------------------------------------------------
 
 PUBLISHER_DEVICE = "test-pi"
+
+
+@pytest.fixture
+def fast_mqtt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Publisher's timing knobs shrunk for in-process tests (a daemon process keeps its
+    defaults)."""
+    monkeypatch.setattr(mqtt_module, "RECONNECT_MAX_SECONDS", 1)
+    monkeypatch.setattr(mqtt_module, "IDLE_POLL_SECONDS", 0.2)
 
 
 @pytest.fixture

@@ -36,10 +36,7 @@ MakeSubscriber = Callable[..., "Subscriber"]
 MakePublisher = Callable[..., Publisher]
 
 
-@pytest.fixture(autouse=True)
-def _fast_timing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mqtt_module, "RECONNECT_MAX_SECONDS", 1)
-    monkeypatch.setattr(mqtt_module, "IDLE_POLL_SECONDS", 0.2)
+pytestmark = pytest.mark.usefixtures("fast_mqtt")
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:

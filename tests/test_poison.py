@@ -44,10 +44,8 @@ MakePublisher = Callable[..., Publisher]
 
 
 @pytest.fixture(autouse=True)
-def _fast_timing(monkeypatch: pytest.MonkeyPatch) -> None:
+def _fast_retries(fast_mqtt: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """Publisher-level tests shrink the knobs; the daemon test runs with the defaults."""
-    monkeypatch.setattr(mqtt_module, "RECONNECT_MAX_SECONDS", 1)
-    monkeypatch.setattr(mqtt_module, "IDLE_POLL_SECONDS", 0.2)
     monkeypatch.setattr(mqtt_module, "RETRY_FIRST_SECONDS", 0.2)
 
 

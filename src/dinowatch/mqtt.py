@@ -310,16 +310,22 @@ class Publisher:
         """Send past the outbox: for what cannot wait for, or be written to, the database
         (retained stats, a full disk). While disconnected the latest few are kept in memory
         and sent on the next connect."""
+        if self._connected:
+            self._send_direct(message)
+        else:
+            self._unsent.append(message)
+
+    def _send_direct(self, message: Message, *, track: bool = True) -> None:
+        """Publish past the outbox if the broker takes the size; `track`: sent once more if
+        the connection ends before its acknowledgement (see _on_connect)."""
         if not self._fits(message.topic, message.payload, message.qos):
             log.error("not publishing %d bytes on %s: over the broker's Maximum Packet Size "
                       "(%s bytes)", len(message.payload), message.topic, self._max_packet)
-        elif self._connected:
-            info = self._client.publish(message.topic, message.payload, qos=message.qos,
-                                        retain=message.retain)
-            if message.qos > 0:
-                self._direct.add(info.mid)
-        else:
-            self._unsent.append(message)
+            return
+        info = self._client.publish(message.topic, message.payload, qos=message.qos,
+                                    retain=message.retain)
+        if track and message.qos > 0:
+            self._direct.add(info.mid)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop draining, publish a retained `offline`, disconnect cleanly (no Will)."""
@@ -374,15 +380,9 @@ class Publisher:
         client.publish(self.topics.status, "online", qos=1, retain=True)
         again = [Message(m.topic, m.payload, m.qos, m.retain) for m in held if m.mid in direct]
         for message in again:  # not tracked: a message is re-sent at most once
-            if self._fits(message.topic, message.payload, message.qos):
-                client.publish(message.topic, message.payload, qos=message.qos,
-                               retain=message.retain)
+            self._send_direct(message, track=False)
         while self._unsent:
-            message = self._unsent.popleft()
-            if self._fits(message.topic, message.payload, message.qos):
-                info = client.publish(message.topic, message.payload, qos=message.qos,
-                                      retain=message.retain)
-                self._direct.add(info.mid)
+            self._send_direct(self._unsent.popleft())
         log.info("connected to MQTT broker %s (MQTT %s)", self._broker, self.settings.protocol)
         if self._max_packet is not None or window < WINDOW:
             log.info("broker limits: packets up to %s bytes, %d messages in flight",

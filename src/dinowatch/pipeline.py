@@ -231,6 +231,7 @@ class Pipeline:
 
     def _complete(self, job: Job, outcome: str) -> None:
         """This attempt at `job` is over: its path may be worked on again."""
+        quiet = True
         with self._lock:
             self.outcomes[outcome] += 1
             self._finished += 1
@@ -239,8 +240,9 @@ class Pipeline:
                 self._completed.append(now)
                 self._forget_old(now)
                 self.last_recorded = utc_now()
-                if len(self._completed) <= PER_IMAGE_LOG_LIMIT:
-                    log.info("embedded %s", readable(job.path))
+                quiet = len(self._completed) > PER_IMAGE_LOG_LIMIT
+        if outcome == RECORDED and not quiet:
+            log.info("embedded %s", readable(job.path))
         self.work.done(job)
 
     def _forget_old(self, now: float) -> None:
@@ -324,10 +326,7 @@ class Pipeline:
         that one's own report follows)."""
         if not _is_gone(job.path):
             return UNCHANGED
-        previous = self.store.image(str(job.path))
-        if previous is not None and previous.status == "deleted":
-            return UNCHANGED
-        return self._record_deleted(job, previous)
+        return self._record_deleted(job, self.store.image(str(job.path)))
 
     def _requeue(self, job: Job) -> str:
         log.debug("%s changed while being read; reading it again later", readable(job.path))
@@ -401,11 +400,12 @@ class Pipeline:
                              mtime_ns=st.st_mtime_ns, status="done", sha256=sha256,
                              width=width, height=height, model=self.model_key)
         messages: list[Message] = []
-        if previous is not None and previous.status == "done":
-            if previous.sha256 != sha256:
-                messages += self.messages.deleted(previous)  # the old picture is gone
-            elif previous.model == self.model_key:  # touched, same bytes: consumers have it
+        if previous is not None and previous.sha256 == sha256:
+            if previous.status == "done" and previous.model == self.model_key:
+                # touched, same bytes: consumers have it already
                 return self._commit(job, record, None, [], RECORDED)
+        else:
+            messages += self._withdrawal(previous)  # the old picture is gone
         messages += self.messages.embedding(record, vector)
         return self._commit(job, record, vector if new_vector else None, messages, RECORDED)
 
@@ -424,9 +424,8 @@ class Pipeline:
                              sha256=sha256, error=f"{kind}: {message}", model=self.model_key)
         if previous == replace(record, source=previous.source if previous else ""):
             return UNCHANGED  # failed the same way before, already reported
-        messages = self.messages.error(str(job.path), kind, message)
-        if previous is not None and previous.status == "done":
-            messages += self.messages.deleted(previous)  # the picture consumers had is gone
+        messages = [*self.messages.error(str(job.path), kind, message),
+                    *self._withdrawal(previous)]  # the picture consumers had is gone
         return self._commit(job, record, None, messages, FAILED)
 
     def _record_deleted(self, job: Job, previous: ImageRecord | None) -> str:
@@ -437,9 +436,12 @@ class Pipeline:
             return self._commit(job, record, None, [], DELETED)
         if previous.status == "deleted":
             return UNCHANGED
-        messages = self.messages.deleted(previous) if previous.status == "done" else []
         return self._commit(job, replace(previous, status="deleted", error=None), None,
-                            messages, DELETED)
+                            self._withdrawal(previous), DELETED)
+
+    def _withdrawal(self, previous: ImageRecord | None) -> list[Message]:
+        """The `deleted` message for a recorded version consumers got an embedding of."""
+        return self.messages.deleted(previous) if previous and previous.status == "done" else []
 
     def _commit(self, job: Job, record: ImageRecord, vector: np.ndarray | None,
                 messages: list[Message], outcome: str) -> str:

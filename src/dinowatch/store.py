@@ -368,8 +368,7 @@ class Store:
         rows = self._reader.execute(
             "SELECT seq, topic, payload, qos, retain FROM outbox WHERE seq > ? ORDER BY seq "
             "LIMIT ?", (seq, limit))
-        return [OutboxMessage(topic=r["topic"], payload=bytes(r["payload"]), qos=r["qos"],
-                              retain=bool(r["retain"]), seq=r["seq"]) for r in rows]
+        return [_outbox_message(row) for row in rows]
 
     def outbox_depth(self) -> int:
         return self._reader.execute("SELECT count(*) FROM outbox").fetchone()[0]
@@ -395,8 +394,7 @@ class Store:
         rows = self._reader.execute(
             "SELECT seq, topic, payload, qos, retain FROM outbox WHERE seq IN "
             f"({','.join('?' * len(wanted))}) ORDER BY seq", wanted) if wanted else []
-        return [OutboxMessage(topic=r["topic"], payload=bytes(r["payload"]), qos=r["qos"],
-                              retain=bool(r["retain"]), seq=r["seq"]) for r in rows]
+        return [_outbox_message(row) for row in rows]
 
     def outbox_attempts(self, seq: int) -> int | None:
         """Failed attempts so far of outbox row `seq` (None: no such row, e.g. acknowledged)."""
@@ -480,6 +478,11 @@ class Store:
             return dropped
 
         return self._write(work) or []
+
+
+def _outbox_message(row: sqlite3.Row) -> OutboxMessage:
+    return OutboxMessage(topic=row["topic"], payload=bytes(row["payload"]), qos=row["qos"],
+                         retain=bool(row["retain"]), seq=row["seq"])
 
 
 def _unavailable(path: Path, err: BaseException) -> StoreUnavailable | None:
