@@ -51,4 +51,11 @@ else
 fi
 say "pip install -e '.[test]' into $("$python" -c 'import sys; print(sys.prefix)')"
 "$python" -m pip install --quiet --disable-pip-version-check -e '.[test]'
+# A real Home Assistant for tests/test_homeassistant.py, in a venv of its own (it needs a
+# Python 3.13; without one that test is skipped, saying so, except in CI).
+if ha_venv=$(scripts/homeassistant-venv.sh); then
+  export DINOWATCH_HA_VENV=$ha_venv
+else
+  say "no Home Assistant venv (see above): the real Home Assistant test will be skipped"
+fi
 exec "$python" -m pytest "$@"

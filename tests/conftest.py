@@ -213,6 +213,16 @@ def mosquitto(mosquitto_factory: Callable[..., Mosquitto]) -> Mosquitto:
     return mosquitto_factory()
 
 
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    """An anonymous broker, running, shared by a module's tests (for one daemon that serves
+    several tests; `mosquitto` is a fresh one per test)."""
+    broker = Mosquitto(tmp_path_factory.mktemp("mosquitto"))
+    broker.start()
+    yield broker
+    broker.kill()
+
+
 def _openssl(*args: str, cwd: Path) -> None:
     openssl = shutil.which("openssl") or "/usr/bin/openssl"
     result = subprocess.run([openssl, *args], cwd=cwd, capture_output=True, text=True,

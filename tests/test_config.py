@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import textwrap
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, get_args, get_origin
 
 import pytest
 import yaml
@@ -112,6 +112,8 @@ def _missing_keys(model: type[BaseModel], data: dict[str, Any], prefix: str) -> 
             missing.append(prefix + name)
             continue
         value = data[name]
+        if get_origin(field.annotation) is dict:  # keyed sections (matching.labels): each one
+            value = list(value.values())
         for item in value if isinstance(value, list) else [value]:
             if not isinstance(item, dict):
                 continue

@@ -178,10 +178,10 @@ def test_a_path_submitted_again_while_in_flight_is_embedded_once(
 class FlakyStore(Store):
     """A real store whose disk 'fills up' for one file."""
 
-    def record(self, image, vector, messages):  # type: ignore[no-untyped-def]
+    def record(self, image, vector, messages, matches=()):  # type: ignore[no-untyped-def]
         if image.path.endswith("img001.jpg"):
             raise sqlite3.OperationalError("database or disk is full")
-        super().record(image, vector, messages)
+        super().record(image, vector, messages, matches)
 
 
 def test_a_store_failure_costs_one_image_not_the_worker(embedder: CountingEmbedder,

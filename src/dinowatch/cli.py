@@ -26,8 +26,11 @@ from dinowatch.config import (
     load_settings,
     settings_warnings,
 )
-from dinowatch.embedder import EMBED_ERRORS
+from dinowatch.embedder import EMBED_ERRORS, DinoEmbedder
 from dinowatch.errors import readable
+from dinowatch.match import Matcher
+from dinowatch.mqtt import path_fields
+from dinowatch.store import Store
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
 
@@ -76,19 +79,18 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
-    from dinowatch.daemon import build_messages, open_embedder, open_store
+    from dinowatch.daemon import build_messages
     from dinowatch.pipeline import DELETED, FAILED, RECORDED, UNCHANGED, Pipeline
     from dinowatch.watch import scan
 
     missing = [str(d) for d in args.dirs if not d.is_dir()]
     if missing:
         return _fail(f"not a folder: {', '.join(missing)}")
-    try:
-        embedder = open_embedder(settings)
-    except EMBED_ERRORS as err:
-        return _fail(err)
-    store = open_store(settings)
-    pipeline = Pipeline(embedder, store, build_messages(settings, embedder),
+    opened = _open_stages(settings)
+    if isinstance(opened, int):
+        return opened
+    embedder, store, matcher = opened
+    pipeline = Pipeline(embedder, store, build_messages(settings, embedder), matcher=matcher,
                         normalize=settings.model.normalize,
                         on_paused=_report_pause)
     pipeline.start()
@@ -199,7 +201,13 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     daemon = daemon_stats | state
     if state["running"] is False and "connected" in daemon:
         daemon["connected"] = False  # the last stats said so of a daemon that has gone
+    last_match = next(iter(store.matches(limit=1)), None)
     report = {"images": store.counts(), "outbox": store.outbox_depth(),
+              "labels": store.label_counts(),
+              "last_match": None if last_match is None else {
+                  "kind": last_match.kind, "label": last_match.label,
+                  "score": last_match.score, "path": readable(last_match.path),
+                  "reference": readable(last_match.reference_path), "ts": last_match.ts},
               "dead_letters": store.dead_letter_count(),
               "queue": daemon_stats.get("queue"), "daemon": daemon,
               # The daemon cannot record a full disk in the database that is on it: look.
@@ -220,6 +228,13 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                  else ""))
     print(f"images: {images['done']} embedded, {images['failed']} failed, "
           f"{images['deleted']} deleted")
+    labels = report["labels"]
+    print(f"gallery: {len(labels)} labels, {sum(labels.values())} references"
+          + (f" ({', '.join(f'{k} {v}' for k, v in labels.items())})" if labels else ""))
+    if last_match is not None:
+        print(f"last match: {last_match.ts} {readable(last_match.path)}: {last_match.kind} "
+              f"{last_match.label or readable(last_match.reference_path)} "
+              f"(score {last_match.score})")
     print(f"outbox: {report['outbox']} messages waiting for the broker")
     print(f"dead letters: {report['dead_letters']} messages parked (dinowatch outbox list)")
     if report["disk"]["full"]:
@@ -359,6 +374,157 @@ def cmd_outbox(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def _open_recorded(settings: Settings) -> tuple[DinoEmbedder, Store, Matcher] | int:
+    """What `_open_stages` opens, from a database that must exist already."""
+    from dinowatch.daemon import DATABASE_NAME
+
+    if not (settings.data_dir / DATABASE_NAME).exists():
+        return _fail(f"no database in {settings.data_dir} yet: has dinowatch run?")
+    return _open_stages(settings)
+
+
+def _open_stages(settings: Settings) -> tuple[DinoEmbedder, Store, Matcher] | int:
+    """The model, the store and its match index, or an exit code (said on stderr)."""
+    from dinowatch.daemon import open_embedder, open_matcher, open_store
+
+    try:
+        embedder = open_embedder(settings)
+    except EMBED_ERRORS as err:
+        return _fail(err)
+    store = open_store(settings)
+    return embedder, store, open_matcher(settings, store, embedder)
+
+
+def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
+    """`search IMAGE`: the nearest stored images and gallery references."""
+    opened = _open_recorded(settings)
+    if isinstance(opened, int):
+        return opened
+    embedder, store, matcher = opened
+    try:
+        vector = embedder.embed(args.image, normalize=settings.model.normalize)
+    except EMBED_ERRORS as err:
+        return _fail(err)
+    finally:
+        store.close()
+        embedder.close()
+    hits = matcher.search(vector, args.k)
+    if args.json:
+        print(json.dumps([{**path_fields(hit.reference.path), "label": hit.reference.label,
+                           "score": hit.score, "sha256": hit.reference.sha256}
+                          for hit in hits], indent=2, ensure_ascii=False))
+        return EXIT_OK
+    if not hits:
+        print("nothing stored to compare with yet", file=sys.stderr)
+    for hit in hits:
+        print(f"{hit.score:.4f}  {hit.reference.label or '-':<16}  "
+              f"{readable(hit.reference.path)}")
+    return EXIT_OK
+
+
+def cmd_gallery(args: argparse.Namespace, settings: Settings) -> int:
+    """`gallery add|list|remove|rematch`: the labelled references."""
+    gallery = settings.gallery_dir
+    if args.action == "add":
+        return _gallery_add(gallery, args.label, args.images, settings)
+    if args.action == "remove":
+        return _gallery_remove(gallery, args.label)
+    opened = _open_recorded(settings)
+    if isinstance(opened, int):
+        return opened
+    embedder, store, matcher = opened
+    try:
+        if args.action == "list":
+            return _gallery_list(gallery, store, matcher, as_json=args.json)
+        return _gallery_rematch(settings, embedder, store, matcher)
+    finally:
+        store.close()
+        embedder.close()
+
+
+def _gallery_add(gallery: Path, label: str, images: list[Path], settings: Settings) -> int:
+    from dinowatch.imaging import ImagingOptions
+    from dinowatch.match import GalleryError, add_reference
+
+    options = ImagingOptions(**settings.imaging.model_dump())
+    failed = 0
+    for image in images:
+        try:
+            target = add_reference(gallery, label, image.read_bytes(), image.name, options)
+        except GalleryError as err:
+            return _fail(err)
+        except (OSError, *EMBED_ERRORS) as err:
+            failed += 1
+            _fail(f"{readable(image)}: not added: {readable(str(err))}")
+            continue
+        print(f"{readable(image)} -> {readable(target)}")
+    print(f"{len(images) - failed} references for {label!r} in {readable(gallery / label)}; "
+          "a running daemon embeds them within seconds", file=sys.stderr)
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
+def _gallery_remove(gallery: Path, label: str) -> int:
+    from dinowatch.match import GalleryError, check_label
+
+    try:
+        folder = gallery / check_label(label)
+    except GalleryError as err:
+        return _fail(err)
+    if not folder.is_dir():
+        return _fail(f"no label {label!r} (no folder {readable(folder)})")
+    files = sum(1 for path in folder.rglob("*") if path.is_file())
+    shutil.rmtree(folder)
+    print(f"removed label {label!r} ({files} files); a running daemon withdraws it within "
+          "seconds, else it does at its next start", file=sys.stderr)
+    return EXIT_OK
+
+
+def _gallery_list(gallery: Path, store: Store, matcher: Matcher, *, as_json: bool) -> int:
+    from dinowatch.daemon import gallery_watch
+    from dinowatch.watch import matches
+
+    embedded = matcher.labels()
+    folders = sorted(p.name for p in gallery.iterdir() if p.is_dir()) if gallery.is_dir() else []
+    watch = gallery_watch(gallery)  # the files the daemon takes as references (not label.yaml)
+    rows = [{"label": label, "references": embedded.get(label, 0),
+             "files": sum(1 for p in (gallery / label).rglob("*") if p.is_file()
+                          and matches(p, watch)),
+             "threshold": matcher.label_threshold(label) or matcher.settings.threshold}
+            for label in sorted(set(folders) | set(embedded))]
+    if as_json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    if not rows:
+        print(f"no labels yet: dinowatch gallery add LABEL IMAGE… (gallery: {gallery})")
+    for row in rows:
+        print(f"{row['label']}: {row['references']} references embedded, {row['files']} "
+              f"files, threshold {row['threshold']}")
+    return EXIT_OK
+
+
+def _gallery_rematch(settings: Settings, embedder: DinoEmbedder, store: Store,
+                     matcher: Matcher) -> int:
+    """Match every stored image against today's gallery; only events not recorded before
+    are recorded and published."""
+    from dinowatch.daemon import build_messages
+
+    messages = build_messages(settings, embedder)
+    known = {(m.path, m.sha256, m.label) for m in store.matches() if m.kind == "gallery"}
+    found = 0
+    for record in store.images("done"):
+        vector = matcher.history.vector(record.path)
+        if vector is None or record.sha256 is None:
+            continue
+        events = [event for event in matcher.gallery_matches(record.path, record.sha256, vector)
+                  if (event.path, event.sha256, event.label) not in known]
+        if events:
+            store.add_matches(events, messages.match(record, events) if messages else [])
+            found += len(events)
+    print(f"{found} new match events"
+          + (" in the outbox; a running daemon publishes them" if messages and found else ""))
+    return EXIT_OK
+
+
 def _print_dead_letters(rows: list[dict[str, object]], *, as_json: bool) -> None:
     if as_json:
         print(json.dumps(rows, indent=2))
@@ -396,6 +562,17 @@ def _add_outbox_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
     for sub in (listing, retry, drop):
         sub.add_argument("-c", "--config", type=Path, help=config_help)
         sub.set_defaults(handler=_with_settings(cmd_outbox))
+
+
+def _count(text: str) -> int:
+    """argparse type: a whole number of at least 1 (else a usage error, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -448,7 +625,44 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "else $XDG_CACHE_HOME/dinowatch/models)")
     model.set_defaults(handler=cmd_model)
     _add_outbox_parser(commands, config_help)
+
+    search = commands.add_parser("search", help="nearest stored images and gallery labels",
+                                 description="Embed IMAGE and print the nearest stored images "
+                                             "and gallery references: score, label, path.")
+    search.add_argument("image", type=Path, metavar="IMAGE")
+    search.add_argument("-k", type=_count, default=10, help="how many (default 10)")
+    search.add_argument("--json", action="store_true", help="machine-readable output")
+    search.add_argument("-c", "--config", type=Path, help=config_help)
+    search.set_defaults(handler=_with_settings(cmd_search))
+    _add_gallery_parser(commands, config_help)
     return parser
+
+
+def _add_gallery_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser],
+                        config_help: str) -> None:
+    gallery = commands.add_parser(
+        "gallery", help="add, list or remove labelled reference images",
+        description="The gallery is <gallery_dir>/<label>/<image>, watched by the daemon.")
+    actions = gallery.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = actions.add_parser("add", help="copy images into a label's folder",
+                             description="Copy images into <gallery_dir>/LABEL/ (checked to "
+                                         "decode first); the daemon embeds them.")
+    add.add_argument("label", metavar="LABEL")
+    add.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    listing = actions.add_parser("list", help="labels, references, thresholds",
+                                 description="Each label with its references and threshold.")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    remove = actions.add_parser("remove", help="delete a label's folder",
+                                description="Delete <gallery_dir>/LABEL; the daemon withdraws "
+                                            "its references.")
+    remove.add_argument("label", metavar="LABEL")
+    rematch = actions.add_parser("rematch", help="match stored images against the gallery",
+                                 description="Match every stored image against the gallery as "
+                                             "it is now; new match events are recorded and "
+                                             "published.")
+    for sub in (add, listing, remove, rematch):
+        sub.add_argument("-c", "--config", type=Path, help=config_help)
+        sub.set_defaults(handler=_with_settings(cmd_gallery))
 
 
 # A reader that went away (`dinowatch status | head -1`): what a tool killed by SIGPIPE

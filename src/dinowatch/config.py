@@ -72,6 +72,12 @@ class WatchSettings(Section):
                                   description="Size and mtime unchanged this long = complete.")
     rescan_minutes: float = Field(default=60, ge=0, le=10080,
                                   description="Periodic reconciliation scan; 0 = off.")
+    threshold: float | None = Field(default=None, ge=0, le=1,
+                                    description="Gallery match threshold for images from here; "
+                                                "null = matching.threshold.")
+    duplicate_threshold: float | None = Field(
+        default=None, ge=0, le=1,
+        description="Duplicate threshold for images from here; null = matching.duplicates.")
 
     @property
     def source_name(self) -> str:
@@ -84,6 +90,14 @@ class DuplicateSettings(Section):
     threshold: float = Field(default=0.97, ge=0, le=1, description="Cosine similarity threshold.")
 
 
+class LabelSettings(Section):
+    """One gallery label's own settings: `matching.labels.<label>`, or the label.yaml file
+    in its folder (which wins)."""
+
+    threshold: float | None = Field(default=None, ge=0, le=1,
+                                    description="Match threshold; null = the general one.")
+
+
 class MatchingSettings(Section):
     gallery_dir: Path | None = Field(
         default=None, description="<label>/<image> references; default data_dir/gallery."
@@ -92,6 +106,8 @@ class MatchingSettings(Section):
     top_k: int = Field(default=3, ge=1, le=100, description="Matches reported per image.")
     duplicates: DuplicateSettings = Field(default_factory=DuplicateSettings,
                                           description="Near-duplicates of earlier images.")
+    labels: dict[str, LabelSettings] = Field(default_factory=dict,
+                                             description="Per-label settings, by label.")
 
 
 class TlsSettings(Section):
@@ -110,6 +126,21 @@ class TlsSettings(Section):
 class HomeAssistantSettings(Section):
     enabled: bool = Field(default=False, description="Publish MQTT discovery.")
     discovery_prefix: str = Field(default="homeassistant", description="HA discovery prefix.")
+    match_seconds: int = Field(default=30, ge=1, le=86400,
+                               description="A label's binary sensor stays on this long "
+                                           "after a match.")
+    thumbnail_pixels: int = Field(default=320, ge=32, le=1920,
+                                  description="Longest side of the last match's thumbnail.")
+
+
+class CommandSettings(Section):
+    enabled: bool = Field(default=True, description="Answer requests on <prefix>/<device>/cmd/#.")
+    max_payload_bytes: int = Field(default=8 * 1024 * 1024, ge=1024,
+                                   description="Larger requests get an error reply.")
+    per_minute: int = Field(default=60, ge=1, description="Requests answered per minute.")
+    burst: int = Field(default=10, ge=1, description="Requests answered at once before "
+                                                     "the per-minute rate applies.")
+    max_k: int = Field(default=100, ge=1, description="Largest k a search may ask for.")
 
 
 class MqttSettings(Section):
@@ -130,6 +161,8 @@ class MqttSettings(Section):
     )
     homeassistant: HomeAssistantSettings = Field(default_factory=HomeAssistantSettings,
                                                  description="Home Assistant MQTT discovery.")
+    commands: CommandSettings = Field(default_factory=CommandSettings,
+                                      description="Requests over MQTT (search, enroll, rescan).")
 
     @field_validator("protocol", mode="before")
     @classmethod
@@ -469,9 +502,7 @@ def settings_warnings(settings: Settings) -> list[str]:
             warnings.append(f"{where}.source: '{watch.source_name}' is also the source of "
                             f"watch[{sources[watch.source_name]}]; payloads cannot tell them apart")
         sources.setdefault(watch.source_name, index)
-    if settings.mqtt is not None:
-        if settings.mqtt.username is None and settings.mqtt.password() is not None:
+    if settings.mqtt is not None and settings.mqtt.username is None and \
+            settings.mqtt.password() is not None:
             warnings.append("mqtt.username: not set, so the MQTT password found is not used")
-        if settings.mqtt.homeassistant.enabled:
-            warnings.append("mqtt.homeassistant.enabled: discovery is not in this version yet")
     return warnings

@@ -14,23 +14,31 @@ from pathlib import Path
 from types import FrameType
 
 import numpy as np
+import paho.mqtt.client as paho
 
 from dinowatch import models
+from dinowatch.commands import Commands, Reply, Request
 from dinowatch.config import ConfigError, MqttSettings, Settings, WatchSettings, load_settings
-from dinowatch.embedder import DinoEmbedder
-from dinowatch.imaging import ImagingOptions
+from dinowatch.embedder import EMBED_ERRORS, DinoEmbedder
+from dinowatch.errors import readable
+from dinowatch.homeassistant import Discovery, slug
+from dinowatch.imaging import ImagingOptions, thumbnail
+from dinowatch.match import GALLERY, Matcher
 from dinowatch.mqtt import (
     Publisher,
     Topics,
     deleted_message,
     embedding_message,
     error_message,
+    last_match_message,
+    match_message,
 )
 from dinowatch.pipeline import DELETED, FAILED, PER_IMAGE_LOG_LIMIT, RECORDED, Messages, Pipeline
 from dinowatch.store import (
     WRITE_TIMEOUT_SECONDS,
     DiskFull,
     ImageRecord,
+    Match,
     Message,
     Store,
     StoreUnavailable,
@@ -48,6 +56,7 @@ LOAD_SECONDS = 600  # the first start may fetch the model: systemd is asked to w
 STUCK_SECONDS = 120.0  # one image decoded or one batch inferred longer than this: stuck
 SILENT_SECONDS = 120.0  # a polling loop (watcher, MQTT drain) silent this long: stuck
 SUMMARY_SECONDS = 60.0
+ANNOUNCED_KEY = "homeassistant_labels"  # meta: the labels Home Assistant was told of
 
 
 class StopRequested(Exception):  # a request, raised from the signal handler
@@ -88,6 +97,21 @@ def open_embedder(settings: Settings) -> DinoEmbedder:
                         cache_dir=models.model_dir(settings.data_dir))
 
 
+def open_matcher(settings: Settings, store: Store, embedder: DinoEmbedder) -> Matcher:
+    """The match stage, its indexes loaded with the store's images of this model."""
+    matcher = Matcher(settings.matching, settings.gallery_dir, settings.watch, dim=embedder.dim)
+    started = time.monotonic()
+    count = matcher.load(store, embedder.model_sha256)
+    log.info("match index: %d images, %d gallery labels, loaded in %.2f s", count,
+             len(matcher.labels()), time.monotonic() - started)
+    return matcher
+
+
+def gallery_watch(gallery_dir: Path) -> WatchSettings:
+    """The gallery is watched like any folder (its files are references, by their folder)."""
+    return WatchSettings(path=gallery_dir, source="gallery", recursive=True)
+
+
 class MqttMessages(Messages):
     """Builds the outbox rows for the topics and encoding the settings ask for."""
 
@@ -96,6 +120,7 @@ class MqttMessages(Messages):
         self.device_id = device_id
         self.embedder = embedder
         self.topics = Topics(mqtt.topic_prefix, device_id)
+        self.discovery = Discovery(mqtt.homeassistant, self.topics, device_id, mqtt.qos)
 
     def embedding(self, record: ImageRecord, vector: np.ndarray) -> list[Message]:
         return [embedding_message(
@@ -112,6 +137,30 @@ class MqttMessages(Messages):
     def error(self, path: str | None, kind: str, message: str) -> list[Message]:
         return [error_message(self.topics, path=path, error=kind, message=message,
                               qos=self.mqtt.qos)]
+
+    def match(self, record: ImageRecord, events: list[Match]) -> list[Message]:
+        """`match` events, then (for a gallery match) the retained last match, and for
+        Home Assistant the labels' `ON` and a thumbnail of the image."""
+        qos = self.mqtt.qos
+        messages = [match_message(self.topics, device_id=self.device_id, path=record.path,
+                                  source=record.source, event=event, qos=qos)
+                    for event in events]
+        labelled = [event for event in events if event.kind == GALLERY and event.label]
+        if not labelled:
+            return messages
+        messages.append(last_match_message(self.topics, path=record.path,
+                                           source=record.source, event=labelled[0], qos=qos))
+        if self.mqtt.homeassistant.enabled:
+            messages += [Message(self.topics.label(slug(event.label or "")), b"ON", qos)
+                         for event in labelled]
+            try:
+                picture = thumbnail(record.path, self.embedder.imaging,
+                                    self.mqtt.homeassistant.thumbnail_pixels)
+                messages.append(Message(self.discovery.thumbnail_topic(), picture, qos,
+                                        retain=True))
+            except EMBED_ERRORS as err:
+                log.warning("no thumbnail of %s: %s", readable(record.path), err)
+        return messages
 
 
 def build_messages(settings: Settings, embedder: DinoEmbedder) -> Messages | None:
@@ -133,6 +182,9 @@ class Daemon:
         self._started = time.monotonic()
         self._starting = True  # until READY=1: SIGTERM interrupts the start itself
         self._opened: list[Store | DinoEmbedder] = []  # closed if a stop interrupts the start
+        self.commands: Commands | None = None
+        self._discovery_due = threading.Event()  # Home Assistant (re)started: announce again
+        self._announced: list[str] | None = None  # labels Home Assistant was told of
 
     # -- WatchEvents: called on watcher threads; they only hand off -------------------------
     def file_ready(self, path: Path, watch: WatchSettings) -> None:
@@ -145,7 +197,7 @@ class Daemon:
         # The pipeline ends a row `deleted` only if its file is really gone: the scan skips
         # excluded or unreadable sub-folders, and files may have arrived since the listing.
         recorded = self.store.live_paths(watch.path)
-        if recorded and not present:
+        if recorded and not present and watch.path != self.gallery_dir:
             # An unmounted drive or a dropped share leaves an empty mount point: withdrawing
             # every picture (and re-publishing all of them when it returns) would be wrong.
             # Files deleted one by one are still seen through their events.
@@ -213,14 +265,17 @@ class Daemon:
             log.warning("model %s is a STAND-IN with random weights (built by dinowatch.testing)"
                         ": its vectors mean nothing. Provision the real model: README, Models.",
                         self.embedder.model_path)
+        self.gallery_dir = settings.gallery_dir  # a change needs a restart
+        self.matcher = open_matcher(settings, self.store, self.embedder)
         self.messages = build_messages(settings, self.embedder)
         self.publisher = (Publisher(settings.mqtt, settings.device_id, self.store)
                           if settings.mqtt else None)
-        self.pipeline = Pipeline(self.embedder, self.store, self.messages,
+        self.pipeline = Pipeline(self.embedder, self.store, self.messages, matcher=self.matcher,
                                  normalize=settings.model.normalize,
                                  on_recorded=self.publisher_wake, on_paused=self.paused)
         self.pipeline.start()
         if self.publisher:
+            self._subscribe(self.publisher)
             self.publisher.start()
         self._apply_watch_list(settings.watch)
         self._starting = False
@@ -232,6 +287,81 @@ class Daemon:
     def publisher_wake(self) -> None:
         if self.publisher:
             self.publisher.wake()
+
+    # -- requests and Home Assistant --------------------------------------------------------
+    def _subscribe(self, publisher: Publisher) -> None:
+        mqtt = self.settings.mqtt
+        assert mqtt is not None
+        topics = publisher.topics
+        if mqtt.commands.enabled:
+            self.commands = Commands(
+                mqtt.commands, topics, embedder=self.embedder, matcher=self.matcher,
+                gallery_dir=self.settings.gallery_dir,
+                roots=lambda: [watch.path for watch in self.settings.watch],
+                rescan=self.rescan, send=self._send_reply,
+                normalize=self.settings.model.normalize)
+            self.commands.start()
+            publisher.subscribe(topics.command("+"), self._on_request)
+        if mqtt.homeassistant.enabled:
+            publisher.subscribe(f"{mqtt.homeassistant.discovery_prefix}/status",
+                                self._on_homeassistant_status)
+
+    def _on_request(self, message: paho.MQTTMessage) -> None:
+        """paho's thread: hand the request to the command worker."""
+        properties = getattr(message, "properties", None)
+        if message.retain:  # a request left retained would run again at every connect
+            log.warning("ignoring a retained request on %s: publish requests without retain",
+                        message.topic)
+            return
+        if self.commands is not None:
+            self.commands.submit(Request(
+                name=message.topic.rsplit("/", 1)[-1], payload=bytes(message.payload),
+                response_topic=getattr(properties, "ResponseTopic", None),
+                correlation_data=getattr(properties, "CorrelationData", None)))
+
+    def _send_reply(self, reply: Reply) -> None:
+        if self.publisher is not None:
+            self.publisher.reply(reply.topic, reply.payload, reply.correlation_data)
+
+    def _on_homeassistant_status(self, message: paho.MQTTMessage) -> None:
+        if message.payload.strip() == b"online":  # its birth message: it forgot nothing
+            self._discovery_due.set()             # retained, but may have restarted fresh
+
+    def rescan(self, folder: Path | None) -> list[Path]:
+        """Scan the watched folders again (only `folder`'s watcher when given)."""
+        chosen = [watcher for path, watcher in self._watchers.items()
+                  if folder is None or Path(os.path.realpath(path)) == folder]
+        for watcher in chosen:
+            watcher.rescan()
+        return [watcher.watch.path for watcher in chosen]
+
+    def _announce(self, *, everything: bool) -> None:
+        """Home Assistant discovery: every config (`everything`, e.g. after connecting),
+        or only what the labels changed; a label gone is removed from Home Assistant."""
+        if not (self.publisher and self.publisher.connected and self.settings.mqtt
+                and self.settings.mqtt.homeassistant.enabled
+                and isinstance(self.messages, MqttMessages)):
+            return
+        discovery = self.messages.discovery
+        labels = sorted(self.matcher.labels())
+        if self._announced is None:
+            self._announced = json.loads(self.store.meta(ANNOUNCED_KEY) or "[]")
+        announced = self._announced
+        if not everything and labels == announced:
+            return
+        messages = discovery.configs(labels)
+        if not everything:
+            messages = [m for m in messages if "/binary_sensor/" in m.topic]
+        messages += [discovery.label_off(label) for label in labels if label not in announced]
+        for gone in sorted(set(announced) - set(labels)):
+            messages += discovery.removals(gone)
+            log.info("label %r has no references left: removed from Home Assistant", gone)
+        for message in messages:
+            self.publisher.publish_now(message)
+        self._announced = labels
+        self.store.put_meta(ANNOUNCED_KEY, json.dumps(labels))
+        if not everything:
+            self._publish_stats()  # `labels` in stats is current too
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -257,7 +387,11 @@ class Daemon:
             connected = bool(self.publisher and self.publisher.connected)
             if connected and not was_connected:
                 last_stats = -math.inf  # a fresh connection gets the retained stats at once
+                self._discovery_due.set()
             was_connected = connected
+            everything = self._discovery_due.is_set()
+            self._discovery_due.clear()
+            self._announce(everything=everything)
             if self._reload.is_set():
                 self._reload.clear()
                 self._reload_settings()
@@ -287,6 +421,8 @@ class Daemon:
             return "a pipeline worker thread ended"
         if self.publisher is not None and not self.publisher.alive:
             return "the MQTT drain thread ended"
+        if self.commands is not None and not self.commands.alive:
+            return "the MQTT request worker ended"
         return None
 
     def _stuck_stage(self) -> tuple[str, str] | None:
@@ -330,6 +466,8 @@ class Daemon:
             log.warning("workers did not finish in time; the rest is redone at next start")
         final = self.stats() | {"connected": False}  # the figures `status` shows from now on
         self.store.put_meta("stats", json.dumps(final))
+        if self.commands is not None:
+            self.commands.stop(timeout=0.5)
         if self.publisher:
             self.publisher.publish_stats(final)  # retained: goes out before `offline`
             self.publisher.stop(timeout=max(0.5, min(3.0, deadline - time.monotonic() - 1)))
@@ -340,7 +478,12 @@ class Daemon:
         log.info("stopped")
 
     def _apply_watch_list(self, watches: list[WatchSettings]) -> None:
-        wanted = {watch.path: watch for watch in watches}
+        gallery = gallery_watch(self.gallery_dir)
+        try:
+            gallery.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            log.error("cannot create the gallery folder %s: %s", gallery.path, err.strerror)
+        wanted = {watch.path: watch for watch in [gallery, *watches]}
         for path in list(self._watchers):
             if path not in wanted or self._watchers[path].watch != wanted[path]:
                 self._watchers.pop(path).stop()
@@ -364,7 +507,10 @@ class Daemon:
             if getattr(settings, key) != getattr(self.settings, key):
                 log.warning("reload: %s changed; restart dinowatch to apply it", key)
         logging.getLogger("dinowatch").setLevel(settings.logging.level)
+        if settings.gallery_dir != self.gallery_dir:
+            log.warning("reload: matching.gallery_dir changed; restart dinowatch to apply it")
         self.settings = settings
+        self.matcher.settings, self.matcher.watches = settings.matching, list(settings.watch)
         self._apply_watch_list(settings.watch)
         log.info("configuration reloaded from %s", self.config_path)
         notify("READY=1", "STATUS=watching")
@@ -383,6 +529,9 @@ class Daemon:
             "model": self.embedder.identity.payload(),
             "backend": self.settings.backend.type,
             "last_seen": self.pipeline.last_recorded,
+            "inferred": self.pipeline.inferred,
+            "matches": self.pipeline.matched,
+            "labels": len(self.matcher.labels()),
             "uptime": round(time.monotonic() - self._started),
             "connected": bool(self.publisher and self.publisher.connected),
             # When and by whom: `dinowatch status` tells a running daemon from a gone one.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import warnings
 from dataclasses import dataclass
@@ -160,3 +161,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode.startswith("I"):
         image = image.convert("I").point(lambda v: v * (1 / 257), "L")  # 0..65535 -> 0..255
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def thumbnail(source: str | Path | BinaryIO, options: ImagingOptions, longest: int,
+              *, quality: int = 80) -> bytes:
+    """A JPEG of the image no larger than `longest` pixels on its longest side.
+
+    Raises what `decode` raises.
+    """
+    picture = decode(source, options, max(1, longest // DRAFT_FACTOR)).image
+    picture.thumbnail((longest, longest), Image.Resampling.BILINEAR)
+    out = io.BytesIO()
+    picture.save(out, format="JPEG", quality=quality)
+    return out.getvalue()

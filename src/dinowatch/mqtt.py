@@ -25,11 +25,13 @@ from typing import Any
 import numpy as np
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from dinowatch.config import ConfigError, MqttSettings
 from dinowatch.errors import DinowatchError, readable
 from dinowatch.health import Activity
-from dinowatch.store import Message, OutboxMessage, Store, utc_now
+from dinowatch.store import Match, Message, OutboxMessage, Store, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +100,22 @@ class Topics:
     def stats(self) -> str:
         return f"{self.base}/stats"
 
+    @property
+    def last_match(self) -> str:
+        """Retained: the last gallery match (JSON); `/thumbnail` under it, a JPEG of it."""
+        return f"{self.base}/last_match"
+
+    def label(self, slug: str) -> str:
+        """`ON` (not retained) when an image matched this label (Home Assistant's binary
+        sensor turns itself off after `off_delay`)."""
+        return f"{self.base}/label/{slug}"
+
     def command(self, name: str) -> str:
         return f"{self.base}/cmd/{name}"
+
+    def reply(self, name: str) -> str:
+        """Where replies go when the request names no MQTT 5 response topic."""
+        return f"{self.command(name)}/reply"
 
 
 # ---- payloads -----------------------------------------------------------------------------
@@ -160,6 +176,36 @@ def deleted_message(topics: Topics, *, device_id: str, path: str, source: str, s
     payload = {"id": message_id(device_id, path, sha256), **path_fields(path),
                "source": source, "sha256": sha256, "ts": utc_now()}
     return Message(topics.deleted, _json(payload), qos=qos)
+
+
+def image_fields(device_id: str, path: str, source: str, sha256: str) -> dict[str, Any]:
+    """The image a `match` payload is about, as its `embedding` payload named it."""
+    return {"id": message_id(device_id, path, sha256), **path_fields(path), "source": source,
+            "sha256": sha256}
+
+
+def match_message(topics: Topics, *, device_id: str, path: str, source: str,
+                  event: Match, qos: int) -> Message:
+    """DESIGN's `match` payload. `id` is stable per image, kind and label (gallery) or
+    reference (duplicate)."""
+    about = event.label if event.kind == "gallery" else event.reference_path
+    key = b"\0".join((message_id(device_id, path, event.sha256).encode(), event.kind.encode(),
+                      os.fsencode(about or "")))
+    payload = {"id": hashlib.sha256(key).hexdigest()[:32], "kind": event.kind,
+               "image": image_fields(device_id, path, source, event.sha256),
+               "label": event.label, "score": event.score,
+               "reference": {**path_fields(event.reference_path),
+                             "sha256": event.reference_sha256},
+               "ts": utc_now()}
+    return Message(topics.match, _json(payload), qos=qos)
+
+
+def last_match_message(topics: Topics, *, path: str, source: str, event: Match,
+                       qos: int) -> Message:
+    """Retained: what a late subscriber (Home Assistant's sensors) shows as the last match."""
+    payload = {"label": event.label, "score": event.score, **path_fields(path),
+               "source": source, "ts": utc_now()}
+    return Message(topics.last_match, _json(payload), qos=qos, retain=True)
 
 
 def _preview(payload: bytes) -> str:
@@ -254,6 +300,10 @@ class Publisher:
         # paho mid -> (outbox seq, monotonic time sent), awaiting PUBACK, in send order:
         self._inflight: dict[int, tuple[int, float]] = {}
         self._retry_at: dict[int, float] = {}  # outbox seq -> monotonic time of its retry
+        # topic filter -> handler, subscribed on every connect; handlers run on paho's
+        # thread, so they only hand off:
+        self._subscriptions: dict[str, Callable[[paho.MQTTMessage], None]] = {}
+        self._client.on_message = _guarded(self._on_message)
         self._client.on_pre_connect = _guarded(self._on_pre_connect)
         self._client.on_connect = _guarded(self._on_connect)
         self._client.on_connect_fail = _guarded(self._on_connect_fail)
@@ -314,6 +364,27 @@ class Publisher:
             self._send_direct(message)
         else:
             self._unsent.append(message)
+
+    def subscribe(self, topic_filter: str, handler: Callable[[paho.MQTTMessage], None]) -> None:
+        """Call `handler` (on paho's thread: hand off, never block) for each message on
+        `topic_filter`, from now on and after every reconnect. Call before `start`."""
+        self._subscriptions[topic_filter] = handler
+
+    def reply(self, topic: str, payload: bytes, correlation_data: bytes | None) -> None:
+        """Publish a reply (QoS 1, not retained, past the outbox: a reply is worth nothing
+        after a restart). MQTT 5 carries `correlation_data` back as the request's."""
+        properties = None
+        if self.settings.protocol == "5" and correlation_data is not None:
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.CorrelationData = correlation_data
+        if not self._connected:
+            log.debug("reply on %s dropped: not connected", topic)
+            return
+        if not self._fits(topic, payload, 1):
+            log.error("reply of %d bytes on %s is over the broker's Maximum Packet Size",
+                      len(payload), topic)
+            return
+        self._client.publish(topic, payload, qos=1, properties=properties)
 
     def _send_direct(self, message: Message, *, track: bool = True) -> None:
         """Publish past the outbox if the broker takes the size; `track`: sent once more if
@@ -378,6 +449,8 @@ class Publisher:
         self._connected_at = time.monotonic()
         self._epoch += 1
         client.publish(self.topics.status, "online", qos=1, retain=True)
+        for topic_filter in self._subscriptions:
+            client.subscribe(topic_filter, qos=1)
         again = [Message(m.topic, m.payload, m.qos, m.retain) for m in held if m.mid in direct]
         for message in again:  # not tracked: a message is re-sent at most once
             self._send_direct(message, track=False)
@@ -446,6 +519,12 @@ class Publisher:
                          "reconnecting", level=logging.WARNING)
         if was_connected and not stopping:
             self._events.put((_DISCONNECTED, getattr(reason, "value", 0), str(reason)))
+
+    def _on_message(self, client: paho.Client, userdata: Any,
+                    message: paho.MQTTMessage) -> None:
+        for topic_filter, handler in self._subscriptions.items():
+            if paho.topic_matches_sub(topic_filter, message.topic):
+                handler(message)
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int,
                     reason: Any, properties: Any) -> None:

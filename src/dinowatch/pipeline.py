@@ -29,11 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
+from dinowatch.config import DuplicateSettings, MatchingSettings
 from dinowatch.embedder import DinoEmbedder, Prepared
 from dinowatch.errors import readable
 from dinowatch.health import Activity
 from dinowatch.imaging import ImageError, ImageTooLarge
-from dinowatch.store import ImageRecord, Message, Store, StoreUnavailable, utc_now
+from dinowatch.match import Matcher
+from dinowatch.store import ImageRecord, Match, Message, Store, StoreUnavailable, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,9 @@ class Messages:
         return []
 
     def error(self, path: str | None, kind: str, message: str) -> list[Message]:
+        return []
+
+    def match(self, record: ImageRecord, events: list[Match]) -> list[Message]:
         return []
 
 
@@ -145,12 +150,17 @@ class Pipeline:
     """
 
     def __init__(self, embedder: DinoEmbedder, store: Store, messages: Messages | None = None,
-                 *, normalize: bool = True, on_recorded: Callable[[], None] = lambda: None,
+                 *, matcher: Matcher | None = None,
+                 normalize: bool = True, on_recorded: Callable[[], None] = lambda: None,
                  on_paused: Callable[[StoreUnavailable | None], None] = lambda error: None,
                  decode_workers: int = DECODE_WORKERS) -> None:
         self.embedder = embedder
         self.store = store
         self.messages = messages or Messages()
+        # Without one: no gallery, no duplicates (the index is still kept, for search).
+        self.matcher = matcher or Matcher(
+            MatchingSettings(duplicates=DuplicateSettings(enabled=False)), None,
+            dim=embedder.dim)
         self.normalize = normalize
         self.on_recorded = on_recorded
         self.on_paused = on_paused
@@ -167,6 +177,8 @@ class Pipeline:
         self._stopping = threading.Event()
         self._completed: deque[float] = deque()
         self.outcomes: Counter[str] = Counter()
+        self.inferred = 0  # images run through the model (a copy of known bytes is not)
+        self.matched = 0  # match events recorded
         self.paused: StoreUnavailable | None = None  # why intake is paused, if it is
         self.last_recorded: str | None = None  # ISO 8601 UTC time of the last image recorded
         self.decode_activity = Activity("decoding")
@@ -354,6 +366,7 @@ class Pipeline:
                 return
 
     def _embed(self, batch: list[Decoded]) -> None:
+        self.inferred += len(batch)  # only this thread writes it
         try:
             vectors: list[np.ndarray] | None = list(self.embedder.infer(
                 [item.prepared.tensor for item in batch], self.normalize))
@@ -398,16 +411,18 @@ class Pipeline:
             return self._requeue(job)
         record = ImageRecord(path=str(job.path), source=job.source, size=st.st_size,
                              mtime_ns=st.st_mtime_ns, status="done", sha256=sha256,
-                             width=width, height=height, model=self.model_key)
+                             width=width, height=height, model=self.model_key,
+                             label=self.matcher.label_of(job.path))
         messages: list[Message] = []
         if previous is not None and previous.sha256 == sha256:
             if previous.status == "done" and previous.model == self.model_key:
-                # touched, same bytes: consumers have it already
-                return self._commit(job, record, None, [], RECORDED)
+                # touched, same bytes: consumers have it already, matches included
+                return self._commit(job, record, None, [], RECORDED, vector=vector)
         else:
             messages += self._withdrawal(previous)  # the old picture is gone
         messages += self.messages.embedding(record, vector)
-        return self._commit(job, record, vector if new_vector else None, messages, RECORDED)
+        return self._commit(job, record, vector if new_vector else None, messages, RECORDED,
+                            vector=vector, match=True)
 
     def _record_failure(self, job: Job, previous: ImageRecord | None, err: BaseException,
                         st: os.stat_result | None = None, sha256: str | None = None) -> str:
@@ -443,14 +458,24 @@ class Pipeline:
         """The `deleted` message for a recorded version consumers got an embedding of."""
         return self.messages.deleted(previous) if previous and previous.status == "done" else []
 
-    def _commit(self, job: Job, record: ImageRecord, vector: np.ndarray | None,
-                messages: list[Message], outcome: str) -> str:
-        """Store the row, vector and messages in one transaction. When the store cannot take
-        a write now (a full disk, a lock held elsewhere), pause intake, wait until it can and
-        put the job back: nothing is marked failed for it."""
+    def _commit(self, job: Job, record: ImageRecord, new_vector: np.ndarray | None,
+                messages: list[Message], outcome: str, *, vector: np.ndarray | None = None,
+                match: bool = False) -> str:
+        """Store the row, a new vector, match events and messages in one transaction, then
+        bring the match indexes in step (`vector`: the image's vector, None when the row has
+        none; `match`: find its match events first). When the store cannot take a write now
+        (a full disk, a lock held elsewhere), pause intake, wait until it can and put the job
+        back: nothing is marked failed for it."""
         outage = self._outages
         try:
-            self.store.record(record, vector, messages)
+            with self.matcher.lock:  # matched, committed and indexed in one order
+                events = self.matcher.match(record.path, record.sha256 or "", vector) \
+                    if match and vector is not None else []
+                if events:
+                    messages = [*messages, *self.messages.match(record, events)]
+                self.store.record(record, new_vector, messages, events)
+                self.matcher.update(record.path, record.sha256, vector)
+                self.matched += len(events)
         except StoreUnavailable as err:
             self.work.pause()
             self._queue(job, front=True)

@@ -89,6 +89,23 @@ MIGRATIONS = [
         report_of INTEGER
     );
     """,
+    # 3: match events. A gallery reference keeps its label on its image row; each event is
+    # a row in `matches`, written in the image's transaction (path as in images.path).
+    """
+    ALTER TABLE images ADD COLUMN label TEXT;
+    CREATE TABLE matches (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        path TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('gallery', 'duplicate')),
+        label TEXT,
+        score REAL NOT NULL,
+        reference_path TEXT NOT NULL,
+        reference_sha256 TEXT NOT NULL,
+        ts TEXT NOT NULL
+    );
+    CREATE INDEX matches_path ON matches (path, sha256);
+    """,
 ]
 
 
@@ -138,6 +155,21 @@ class ImageRecord:
     height: int | None = None
     error: str | None = None
     model: str | None = None
+    label: str | None = None  # a gallery reference's label
+
+
+@dataclass(frozen=True)
+class Match:
+    """A match event as stored: `path` (sha256) matched `reference_path` with `score`."""
+
+    path: str
+    sha256: str
+    kind: str  # gallery | duplicate
+    label: str | None
+    score: float
+    reference_path: str
+    reference_sha256: str
+    ts: str = ""
 
 
 @dataclass(frozen=True)
@@ -275,19 +307,33 @@ class Store:
 
     # -- writes ---------------------------------------------------------------------------
     def record(self, image: ImageRecord, vector: np.ndarray | None,
-               messages: Iterable[Message]) -> None:
-        """Store an image's row, its vector and its outgoing messages in ONE transaction."""
-        messages = list(messages)
+               messages: Iterable[Message], matches: Iterable[Match] = ()) -> None:
+        """Store an image's row, its vector, its match events and its outgoing messages in
+        ONE transaction."""
+        messages, matches = list(messages), list(matches)
 
         def work(db: sqlite3.Connection) -> None:
             db.execute(
                 "INSERT OR REPLACE INTO images (path, source, sha256, size, mtime_ns, width, "
-                "height, status, error, model, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "height, status, error, model, label, updated_at) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (path_key(image.path), image.source, image.sha256, image.size, image.mtime_ns,
-                 image.width, image.height, image.status, image.error, image.model, utc_now()))
+                 image.width, image.height, image.status, image.error, image.model,
+                 image.label, utc_now()))
             if vector is not None:
                 db.execute("INSERT OR IGNORE INTO vectors (sha256, model, vector) VALUES (?,?,?)",
                            (image.sha256, image.model, vector.astype("<f4").tobytes()))
+            _insert_matches(db, matches)
+            _insert_messages(db, messages)
+
+        self._write(work)
+
+    def add_matches(self, matches: Iterable[Match], messages: Iterable[Message]) -> None:
+        """Match events found after the fact (`gallery rematch`) and their messages."""
+        matches, messages = list(matches), list(messages)
+
+        def work(db: sqlite3.Connection) -> None:
+            _insert_matches(db, matches)
             _insert_messages(db, messages)
 
         self._write(work)
@@ -341,9 +387,48 @@ class Store:
     # -- reads ----------------------------------------------------------------------------
     def image(self, path: str) -> ImageRecord | None:
         row = self._reader.execute(
-            "SELECT path, source, size, mtime_ns, status, sha256, width, height, error, model "
-            "FROM images WHERE path = ?", (path_key(path),)).fetchone()
+            f"SELECT {_IMAGE_COLUMNS} FROM images WHERE path = ?", (path_key(path),)).fetchone()
         return ImageRecord(**(dict(row) | {"path": path})) if row else None
+
+    def images(self, status: str = "done") -> list[ImageRecord]:
+        """Every row with this status, in path order."""
+        rows = self._reader.execute(
+            f"SELECT {_IMAGE_COLUMNS} FROM images WHERE status = ? ORDER BY path", (status,))
+        return [ImageRecord(**(dict(row) | {"path": _path(row["path"])})) for row in rows]
+
+    def recorded_vectors(self, model: str) -> tuple[list[str], list[str], np.ndarray]:
+        """Paths, sha256s and vectors (N, dim float32) of the `done` images of `model`."""
+        join = ("FROM images i JOIN vectors v ON v.sha256 = i.sha256 AND v.model = i.model "
+                "WHERE i.status = 'done' AND i.model = ?")
+        reader = self._reader
+        reader.execute("BEGIN")  # one snapshot for the count and the rows
+        try:
+            count = reader.execute(f"SELECT count(*) {join}", (model,)).fetchone()[0]
+            paths: list[str] = []
+            sha256s: list[str] = []
+            vectors = np.zeros((0, 0), dtype=np.float32)
+            cursor = reader.execute(f"SELECT i.path, i.sha256, v.vector {join}", (model,))
+            cursor.row_factory = None  # plain tuples: no sqlite3.Row per image
+            for row, (path, sha256, blob) in enumerate(cursor):
+                vector = np.frombuffer(blob, dtype="<f4")
+                if row == 0:
+                    vectors = np.empty((count, vector.size), dtype=np.float32)
+                vectors[row] = vector  # filled in place: no list of blobs, no joined copy
+                paths.append(_path(path))
+                sha256s.append(sha256)
+        finally:
+            reader.execute("COMMIT")
+        return paths, sha256s, vectors
+
+    def matches(self, path: str | None = None, limit: int = -1) -> list[Match]:
+        """Match events of one image (None: all), newest first; at most `limit` (-1: all)."""
+        where, args = ("WHERE path = ?", [path_key(path)]) if path is not None else ("", [])
+        rows = self._reader.execute(
+            "SELECT path, sha256, kind, label, score, reference_path, reference_sha256, ts "
+            f"FROM matches {where} ORDER BY id DESC LIMIT ?", (*args, limit))
+        return [Match(**(dict(row) | {"path": _path(row["path"]),
+                                      "reference_path": _path(row["reference_path"])}))
+                for row in rows]
 
     def known(self, sha256: str, model: str) -> tuple[np.ndarray, int | None, int | None] | None:
         """The stored vector (and picture size) for these bytes under this model, if any."""
@@ -376,6 +461,12 @@ class Store:
     def counts(self) -> dict[str, int]:
         rows = self._reader.execute("SELECT status, count(*) FROM images GROUP BY status")
         return {"done": 0, "failed": 0, "deleted": 0} | {row[0]: row[1] for row in rows}
+
+    def label_counts(self) -> dict[str, int]:
+        """Gallery label -> references recorded (`done`)."""
+        rows = self._reader.execute("SELECT label, count(*) FROM images WHERE status = 'done' "
+                                    "AND label IS NOT NULL GROUP BY label ORDER BY label")
+        return {row[0]: row[1] for row in rows}
 
     def last_errors(self, limit: int = 5) -> list[dict[str, str]]:
         rows = self._reader.execute(
@@ -498,6 +589,19 @@ def _unavailable(path: Path, err: BaseException) -> StoreUnavailable | None:
 def _log_failure(future: Future) -> None:
     if future.exception() is not None:
         log.error("database write failed: %s", future.exception())
+
+
+_IMAGE_COLUMNS = ("path, source, size, mtime_ns, status, sha256, width, height, error, model, "
+                  "label")
+
+
+def _insert_matches(db: sqlite3.Connection, matches: list[Match]) -> None:
+    now = utc_now()
+    db.executemany(
+        "INSERT INTO matches (path, sha256, kind, label, score, reference_path, "
+        "reference_sha256, ts) VALUES (?,?,?,?,?,?,?,?)",
+        [(path_key(m.path), m.sha256, m.kind, m.label, m.score, path_key(m.reference_path),
+          m.reference_sha256, m.ts or now) for m in matches])
 
 
 def _insert_messages(db: sqlite3.Connection, messages: list[Message]) -> None:

@@ -271,6 +271,12 @@ class FolderWatcher:
                 log.warning("Watcher for %s did not stop within %.0f s", self.watch.path,
                             timeout)
 
+    def rescan(self) -> None:
+        """Scan the folder again soon (from any thread): new files are reported, files
+        gone are told to the daemon through `folder_scanned`."""
+        self._rescan = True
+        self._wake.set()
+
     # -- watcher thread --------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -398,8 +404,7 @@ class FolderWatcher:
         """inotify's reader thread: the kernel dropped events for this folder's watches."""
         log.warning("inotify queue overflowed on %s (fs.inotify.max_queued_events): "
                     "rescanning it", self.watch.path)
-        self._rescan = True
-        self._wake.set()
+        self.rescan()
 
     def _teardown(self) -> None:
         observer, self._observer = self._observer, None
