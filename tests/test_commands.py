@@ -362,11 +362,19 @@ def test_search_over_mqtt311_replies_on_the_reply_topic_echoing_the_id(
     assert answer.correlation is None
     assert answer.body["k"] == 3 and len(answer.body["results"]) == 3
     assert_search_results(answer.body, site, site.inbox / "scene13.jpg")
-    # an error reply echoes the id too (any JSON value)
-    odd_id = {"n": request_id}
-    site.v311.send("search", {"id": odd_id, "k": 0})
-    [error] = site.v311.wait(lambda a: a.body.get("id") == odd_id)
+    # an error reply echoes the id too (text or an integer)
+    number_id = int(uuid.uuid4().hex[:12], 16)
+    site.v311.send("search", {"id": number_id, "k": 0})
+    [error] = site.v311.wait(lambda a: a.body.get("id") == number_id)
     assert (error.body["ok"], error.body["error"]) == (False, "BadRequest")
+    # an id that is an object, or too long, is not echoed: a reply carries no planted payload
+    def unnamed(answer: Answer) -> bool:
+        return answer.body.get("error") == "BadRequest" and "id" not in answer.body
+
+    before = len([a for a in site.v311.answers if unnamed(a)])
+    for planted in ({"state_topic": "x"}, "x" * 129):
+        site.v311.send("search", {"id": planted, "k": 0})
+    site.v311.wait(unnamed, count=before + 2)
 
 
 # ---- 3. paths that are refused ----------------------------------------------------------------
@@ -755,9 +763,12 @@ def test_reply_topic_keeps_replies_off_the_devices_own_topics(direct: Direct) ->
         assert topic(f"{base}/{own}") == default, own
     for wildcard in ("replies/+", "replies/#", "#", "a\0b"):
         assert topic(wildcard) == default, wildcard
-    for allowed in ("replies/me", "dinowatch/unit-2/cmd/search/reply", "dinowatch/unitx",
-                    f"{base}/cmd/search/reply", f"{base}/cmd/search/reply/me",
-                    f"{base}/cmd/rescan/reply"):
+    # any dinowatch device's topics: a reply must not run as another device's request
+    for other in ("dinowatch/unit-2/cmd/search/reply", "dinowatch/unitx",
+                  "dinowatch/other/cmd/rescan", "dinowatch/other/embedding", "dinowatch"):
+        assert topic(other) == default, other
+    for allowed in ("replies/me", "dinowatchers/me", f"{base}/cmd/search/reply",
+                    f"{base}/cmd/search/reply/me", f"{base}/cmd/rescan/reply"):
         assert topic(allowed) == allowed, allowed
     unknown = direct.commands.reply_topic(Request("nope", b""))
     assert unknown == f"{base}/cmd/nope/reply"

@@ -28,7 +28,7 @@ from dinowatch.config import (
 )
 from dinowatch.embedder import EMBED_ERRORS, DinoEmbedder
 from dinowatch.errors import readable
-from dinowatch.match import Matcher
+from dinowatch.match import Matcher, gallery_watch
 from dinowatch.mqtt import path_fields
 from dinowatch.store import Store
 
@@ -473,14 +473,19 @@ def _gallery_remove(gallery: Path, label: str) -> int:
     if not folder.is_dir():
         return _fail(f"no label {label!r} (no folder {readable(folder)})")
     files = sum(1 for path in folder.rglob("*") if path.is_file())
-    shutil.rmtree(folder)
+    try:
+        if folder.is_symlink():
+            folder.unlink()  # the link, never what it points to
+        else:
+            shutil.rmtree(folder)
+    except OSError as err:
+        return _fail(f"{readable(folder)}: cannot remove: {err.strerror or err}")
     print(f"removed label {label!r} ({files} files); a running daemon withdraws it within "
           "seconds, else it does at its next start", file=sys.stderr)
     return EXIT_OK
 
 
 def _gallery_list(gallery: Path, store: Store, matcher: Matcher, *, as_json: bool) -> int:
-    from dinowatch.daemon import gallery_watch
     from dinowatch.watch import matches
 
     embedded = matcher.labels()
@@ -489,7 +494,8 @@ def _gallery_list(gallery: Path, store: Store, matcher: Matcher, *, as_json: boo
     rows = [{"label": label, "references": embedded.get(label, 0),
              "files": sum(1 for p in (gallery / label).rglob("*") if p.is_file()
                           and matches(p, watch)),
-             "threshold": matcher.label_threshold(label) or matcher.settings.threshold}
+             "threshold": _first_set(matcher.label_threshold(label),
+                                     matcher.settings.threshold)}
             for label in sorted(set(folders) | set(embedded))]
     if as_json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
@@ -502,6 +508,10 @@ def _gallery_list(gallery: Path, store: Store, matcher: Matcher, *, as_json: boo
     return EXIT_OK
 
 
+def _first_set(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
 def _gallery_rematch(settings: Settings, embedder: DinoEmbedder, store: Store,
                      matcher: Matcher) -> int:
     """Match every stored image against today's gallery; only events not recorded before
@@ -510,15 +520,19 @@ def _gallery_rematch(settings: Settings, embedder: DinoEmbedder, store: Store,
 
     messages = build_messages(settings, embedder)
     known = {(m.path, m.sha256, m.label) for m in store.matches() if m.kind == "gallery"}
+    for reference in list(matcher.gallery):  # removed while the daemon was stopped
+        if not os.path.lexists(reference):
+            matcher.update(reference, None, None)
     found = 0
     for record in store.images("done"):
         vector = matcher.history.vector(record.path)
-        if vector is None or record.sha256 is None:
+        if vector is None or record.sha256 is None or not os.path.lexists(record.path):
             continue
         events = [event for event in matcher.gallery_matches(record.path, record.sha256, vector)
                   if (event.path, event.sha256, event.label) not in known]
         if events:
-            store.add_matches(events, messages.match(record, events) if messages else [])
+            store.add_matches(events, messages.match(record, events, live=False)
+                              if messages else [])
             found += len(events)
     print(f"{found} new match events"
           + (" in the outbox; a running daemon publishes them" if messages and found else ""))

@@ -44,6 +44,7 @@ NAMES = ("search", "enroll", "rescan")
 QUEUE_SIZE = 16  # requests waiting for the worker (at least `burst`); more are rate-limited
 DEFAULT_K = 5
 REFUSAL_REPLY_SECONDS = 1.0  # at most one "rate limited" reply this often
+MAX_ID_CHARS = 128  # a request's `id` (text or integer) longer than this is not echoed
 
 
 class CommandError(DinowatchError):
@@ -98,7 +99,8 @@ class Commands:
                  matcher: Matcher,
                  gallery_dir: Path, roots: Callable[[], list[Path]],
                  rescan: Callable[[Path | None], list[Path]],
-                 send: Callable[[Reply], None], normalize: bool = True) -> None:
+                 send: Callable[[Reply], None], normalize: bool = True,
+                 refused_prefixes: tuple[str, ...] = ()) -> None:
         self.settings = settings
         self.topics = topics
         self.embedder = embedder
@@ -108,6 +110,7 @@ class Commands:
         self.rescan = rescan
         self.send = send
         self.normalize = normalize
+        self.refused_prefixes = refused_prefixes  # e.g. Home Assistant's discovery prefix
         self._queue: queue.Queue[Request | None] = queue.Queue(max(QUEUE_SIZE, settings.burst))
         self._limit = RateLimit(settings.per_minute, settings.burst)
         self._refused_at = -math.inf
@@ -223,7 +226,8 @@ class Commands:
         if given[0] == "vector":
             return self._vector(body["vector"])
         if given[0] == "path":
-            return self._embed_file(self.resolve(body["path"]))
+            path = self.resolve(body["path"])
+            return self._embed(io.BytesIO(self._read(path)), str(path))
         data = body["image_bytes"] if given[0] == "image_bytes" else _base64(body["image"],
                                                                               "image")
         return self._embed(io.BytesIO(data), "the request's image")
@@ -239,10 +243,18 @@ class Commands:
             raise CommandError("BadRequest", "vector: values must be finite, not all zero")
         return vector
 
-    def _embed_file(self, path: Path) -> np.ndarray:
+    def _read(self, path: Path) -> bytes:
+        """The file's bytes, if no larger than an image within `imaging.max_pixels` can be
+        (what the pipeline takes too): a request must not fill the Pi's memory."""
+        limit = self.embedder.imaging.max_file_bytes
         try:
             with open(path, "rb") as file:
-                return self._embed(file, str(path))
+                size = os.fstat(file.fileno()).st_size
+                if size > limit:
+                    raise CommandError("ImageTooLarge", f"{readable(path)}: {size:,} bytes; "
+                                       f"an image within imaging.max_pixels is at most "
+                                       f"{limit:,}")
+                return file.read(limit + 1)
         except OSError as err:
             raise CommandError("OSError", f"{readable(path)}: {err.strerror}") from err
 
@@ -265,10 +277,7 @@ class Commands:
                                              "(base64) or 'path'")
         if given[0] == "path":
             source = self.resolve(body["path"])
-            try:
-                data, name = source.read_bytes(), source.name
-            except OSError as err:
-                raise CommandError("OSError", f"{readable(source)}: {err.strerror}") from err
+            data, name = self._read(source), source.name
         else:
             data, name = _base64(body["image"], "image"), None
         try:
@@ -320,22 +329,25 @@ class Commands:
     def _reply(self, request: Request, body: dict[str, Any] | None,
                answer: dict[str, Any]) -> Reply:
         request_id = body.get("id") if body else None
-        if request_id is not None:
+        if isinstance(request_id, str | int) and not isinstance(request_id, bool) and \
+                len(str(request_id)) <= MAX_ID_CHARS:  # an id, not a payload to plant
             answer = {"id": request_id, **answer}
-        payload = json.dumps(answer, separators=(",", ":"), ensure_ascii=False,
-                             default=str).encode()
+        # ASCII: a lone surrogate in a request (\ud800) can still be written
+        payload = json.dumps(answer, separators=(",", ":"), default=str).encode()
         return Reply(self.reply_topic(request), payload, request.correlation_data)
 
     def reply_topic(self, request: Request) -> str:
-        """The request's response topic, unless it has wildcards or would land on this
-        device's own topics (a reply must never pose as an embedding, nor come back to us as
-        a request); else `…/cmd/<name>/reply`."""
-        wanted, base = request.response_topic, self.topics.base
+        """The request's response topic, else `…/cmd/<name>/reply`. Refused: wildcards, and
+        topics under the dinowatch prefix or Home Assistant's discovery prefix (a reply must
+        not pose as a device's message or a discovery config, nor reach any dinowatch as a
+        request) except this device's own `cmd/<name>/reply/…` tree."""
+        wanted = request.response_topic
         if not wanted or {"+", "#", "\0"} & set(wanted):
             return self.topics.reply(request.name)
-        if wanted.startswith(f"{base}/") and (
-                not wanted.startswith(f"{base}/cmd/")
-                or paho.topic_matches_sub(self.topics.command("+"), wanted)):
+        if paho.topic_matches_sub(self.topics.command("+/+/#"), wanted):
+            return wanted  # …/cmd/<name>/reply/<whatever>: ours, and never a request
+        if any(wanted == prefix or wanted.startswith(f"{prefix}/")
+               for prefix in (self.topics.prefix, *self.refused_prefixes)):
             return self.topics.reply(request.name)
         return wanted
 

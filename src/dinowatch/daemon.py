@@ -23,7 +23,7 @@ from dinowatch.embedder import EMBED_ERRORS, DinoEmbedder
 from dinowatch.errors import readable
 from dinowatch.homeassistant import Discovery, slug
 from dinowatch.imaging import ImagingOptions, thumbnail
-from dinowatch.match import GALLERY, Matcher
+from dinowatch.match import GALLERY, Matcher, gallery_watch
 from dinowatch.mqtt import (
     Publisher,
     Topics,
@@ -107,9 +107,6 @@ def open_matcher(settings: Settings, store: Store, embedder: DinoEmbedder) -> Ma
     return matcher
 
 
-def gallery_watch(gallery_dir: Path) -> WatchSettings:
-    """The gallery is watched like any folder (its files are references, by their folder)."""
-    return WatchSettings(path=gallery_dir, source="gallery", recursive=True)
 
 
 class MqttMessages(Messages):
@@ -138,15 +135,16 @@ class MqttMessages(Messages):
         return [error_message(self.topics, path=path, error=kind, message=message,
                               qos=self.mqtt.qos)]
 
-    def match(self, record: ImageRecord, events: list[Match]) -> list[Message]:
-        """`match` events, then (for a gallery match) the retained last match, and for
-        Home Assistant the labels' `ON` and a thumbnail of the image."""
+    def match(self, record: ImageRecord, events: list[Match], *,
+              live: bool = True) -> list[Message]:
+        """`match` events, then, for a gallery match that just happened (`live`), the
+        retained last match, and for Home Assistant the labels' `ON` and a thumbnail."""
         qos = self.mqtt.qos
         messages = [match_message(self.topics, device_id=self.device_id, path=record.path,
                                   source=record.source, event=event, qos=qos)
                     for event in events]
         labelled = [event for event in events if event.kind == GALLERY and event.label]
-        if not labelled:
+        if not labelled or not live:
             return messages
         messages.append(last_match_message(self.topics, path=record.path,
                                            source=record.source, event=labelled[0], qos=qos))
@@ -299,7 +297,8 @@ class Daemon:
                 gallery_dir=self.settings.gallery_dir,
                 roots=lambda: [watch.path for watch in self.settings.watch],
                 rescan=self.rescan, send=self._send_reply,
-                normalize=self.settings.model.normalize)
+                normalize=self.settings.model.normalize,
+                refused_prefixes=(mqtt.homeassistant.discovery_prefix,))
             self.commands.start()
             publisher.subscribe(topics.command("+"), self._on_request)
         if mqtt.homeassistant.enabled:
@@ -349,6 +348,10 @@ class Daemon:
         announced = self._announced
         if not everything and labels == announced:
             return
+        # A label still recorded but not indexed (references being re-embedded after a model
+        # change) is kept: removing it would delete the entity and its user settings.
+        if set(announced) - set(labels):
+            labels = sorted(set(labels) | (set(announced) & set(self.store.label_counts())))
         messages = discovery.configs(labels)
         if not everything:
             messages = [m for m in messages if "/binary_sensor/" in m.topic]

@@ -13,6 +13,7 @@ made strict stays strict for every label.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import io
 import logging
@@ -27,9 +28,9 @@ import yaml
 from PIL import Image
 from pydantic import ValidationError
 
-from dinowatch.config import LabelSettings, MatchingSettings, WatchSettings
+from dinowatch.config import TEMPORARY_PATTERNS, LabelSettings, MatchingSettings, WatchSettings
 from dinowatch.errors import DinowatchError, readable
-from dinowatch.imaging import ImagingOptions, decode
+from dinowatch.imaging import ImageError, ImagingOptions, decode
 from dinowatch.index import Hit, VectorIndex
 from dinowatch.store import Match, Store
 
@@ -56,7 +57,9 @@ class SearchHit:
 
 class Matcher:
     """The match stage. `lock` is held by the pipeline around match -> commit -> update, so
-    two images recorded at once see each other in the order they were committed."""
+    two images recorded at once see each other in the order they were committed (it may be
+    held through a slow store write). Readers (`search`, `labels`) only take the short lock
+    that keeps the indexes and their references consistent, so they never wait for a write."""
 
     def __init__(self, settings: MatchingSettings, gallery_dir: Path | None,
                  watches: Iterable[WatchSettings] = (), *, dim: int) -> None:
@@ -64,6 +67,7 @@ class Matcher:
         self.gallery_dir = gallery_dir
         self.watches = list(watches)
         self.lock = threading.RLock()
+        self._state = threading.RLock()  # the indexes and _refs, together
         self._gallery_prefix = str(gallery_dir).rstrip(os.sep) + os.sep if gallery_dir else None
         self.gallery: VectorIndex[str] = VectorIndex(dim)
         self.history: VectorIndex[str] = VectorIndex(dim)
@@ -79,7 +83,7 @@ class Matcher:
                 for path, sha256 in zip(paths, sha256s, strict=True)]
         gallery = [row for row, ref in enumerate(refs) if ref.label]
         history = [row for row, ref in enumerate(refs) if not self.in_gallery(ref.path)]
-        with self.lock:
+        with self._state:
             self._refs.clear()
             for rows, index in ((gallery, self.gallery), (history, self.history)):
                 self._refs.update((refs[row].path, refs[row]) for row in rows)
@@ -90,7 +94,7 @@ class Matcher:
 
     def update(self, path: str, sha256: str | None, vector: np.ndarray | None) -> None:
         """After a commit: `path` now has this vector (None: failed or deleted)."""
-        with self.lock:
+        with self._state:
             self.gallery.remove(path)
             self.history.remove(path)
             self._refs.pop(path, None)
@@ -100,6 +104,10 @@ class Matcher:
             label = self.label_of(path)
             self._refs[path] = Reference(path, sha256, label)
             (self.gallery if label else self.history).add(path, vector)
+
+    def indexed(self, path: str) -> bool:
+        with self._state:
+            return path in self._refs
 
     # -- the gallery ------------------------------------------------------------------------
     def in_gallery(self, path: str | Path) -> bool:
@@ -115,7 +123,7 @@ class Matcher:
     def labels(self) -> dict[str, int]:
         """Label -> number of indexed references."""
         counts: dict[str, int] = {}
-        with self.lock:
+        with self._state:
             for key in self.gallery:
                 label = self._refs[key].label or ""
                 counts[label] = counts.get(label, 0) + 1
@@ -175,7 +183,7 @@ class Matcher:
         Gallery images themselves get none."""
         if self.in_gallery(path):
             return []
-        with self.lock:
+        with self._state:
             events = self.gallery_matches(path, sha256, vector)
             if self.settings.duplicates.enabled:
                 events += [self._event(path, sha256, DUPLICATE, hit.score, self._refs[hit.key])
@@ -199,7 +207,7 @@ class Matcher:
         """The labels `vector` matches, best first, at most `top_k`."""
         best: dict[str, Match] = {}
         seen: set[str] = set()
-        with self.lock:
+        with self._state:
             for hit in self.gallery.search(vector, len(self.gallery)):
                 reference = self._refs[hit.key]
                 label = reference.label or ""
@@ -218,7 +226,7 @@ class Matcher:
 
     def search(self, vector: np.ndarray, k: int) -> list[SearchHit]:
         """The `k` nearest indexed images, gallery and history together, best first."""
-        with self.lock:
+        with self._state:
             hits = [*self.gallery.search(vector, k), *self.history.search(vector, k)]
             hits.sort(key=lambda hit: (-_score(hit.score), hit.key))  # as published, then path
             return [SearchHit(self._refs[hit.key], _score(hit.score)) for hit in hits[:k]]
@@ -249,9 +257,21 @@ def check_label(label: object) -> str:
         raise GalleryError("a label must be non-empty text without leading or trailing spaces")
     if label.startswith(".") or "/" in label or "\0" in label:
         raise GalleryError(f"label {label!r}: cannot start with '.' or contain '/'")
-    if len(label.encode("utf-8", "surrogateescape")) > MAX_LABEL_BYTES:
+    try:
+        size = len(label.encode("utf-8"))
+    except UnicodeEncodeError as err:
+        raise GalleryError("a label must be valid UTF-8 text") from err
+    if size > MAX_LABEL_BYTES:
         raise GalleryError(f"label {label[:20]!r}…: at most {MAX_LABEL_BYTES} bytes")
+    if any(fnmatch.fnmatch(label, pattern) for pattern in TEMPORARY_PATTERNS):
+        raise GalleryError(f"label {label!r}: the gallery's watcher skips folders named like "
+                           f"{', '.join(TEMPORARY_PATTERNS)}")
     return label
+
+
+def gallery_watch(gallery_dir: Path) -> WatchSettings:
+    """The gallery is watched like any folder (its files are references, by their folder)."""
+    return WatchSettings(path=gallery_dir, source="gallery", recursive=True)
 
 
 def add_reference(gallery_dir: Path, label: str, data: bytes, name: str | None,
@@ -268,7 +288,10 @@ def add_reference(gallery_dir: Path, label: str, data: bytes, name: str | None,
     decode(io.BytesIO(data), options, name=name or "the image")  # refuse what is not one
     digest = hashlib.sha256(data).hexdigest()
     with Image.open(io.BytesIO(data)) as image:
-        suffix = SUFFIXES.get(image.format or "", ".img")
+        suffix = SUFFIXES.get(image.format or "")
+    if suffix is None:  # a name the gallery's watcher would skip
+        raise ImageError(f"{name or 'the image'}: {image.format} images are not taken; the "
+                         f"gallery takes {', '.join(sorted(SUFFIXES))}")
     folder = gallery_dir / label
     folder.mkdir(parents=True, exist_ok=True)
     stem = Path(name).stem.lstrip(".") if name else ""

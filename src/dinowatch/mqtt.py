@@ -209,7 +209,13 @@ def last_match_message(topics: Topics, *, path: str, source: str, event: Match,
 
 
 def _preview(payload: bytes) -> str:
-    text = payload[:DEBUG_PAYLOAD_CHARS].decode("utf-8", "replace")
+    head = payload[:DEBUG_PAYLOAD_CHARS]
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(head) - 3:  # not just a character cut at the end: a JPEG, say
+            return f"<{len(payload)} bytes, binary>"
+        text = head[:err.start].decode("utf-8")
     return text + "…" if len(payload) > DEBUG_PAYLOAD_CHARS else text
 
 

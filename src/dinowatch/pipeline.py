@@ -87,7 +87,10 @@ class Messages:
     def error(self, path: str | None, kind: str, message: str) -> list[Message]:
         return []
 
-    def match(self, record: ImageRecord, events: list[Match]) -> list[Message]:
+    def match(self, record: ImageRecord, events: list[Match], *,
+              live: bool = True) -> list[Message]:
+        """`live`: the image just arrived (False: events found later, by `gallery rematch`,
+        which must not look like news to Home Assistant)."""
         return []
 
 
@@ -289,6 +292,7 @@ class Pipeline:
         except (OSError, ImageError) as err:  # unreadable, a FIFO, a link loop, too large
             return self._record_failure(job, previous, err)
         if read is None:
+            self._index_recorded(previous)
             return UNCHANGED
         st, data = read
         sha256 = hashlib.sha256(data).hexdigest()
@@ -332,6 +336,17 @@ class Pipeline:
                 return after, data
             time.sleep(REREAD_PAUSE * attempt)
         raise Changed(path)
+
+    def _index_recorded(self, previous: ImageRecord | None) -> None:
+        """A file recorded by another process (`dinowatch index`) joins the match index
+        when the watcher reports it: the index follows the store, not only this process."""
+        if previous is None or previous.status != "done" or previous.sha256 is None or \
+                self.matcher.indexed(previous.path):
+            return
+        known = self.store.known(previous.sha256, self.model_key)
+        if known is not None:
+            with self.matcher.lock:
+                self.matcher.update(previous.path, previous.sha256, known[0])
 
     def _settle_gone(self, job: Job) -> str:
         """The file left its folder: its row ends `deleted` (unless a new file took the name;
@@ -414,15 +429,17 @@ class Pipeline:
                              width=width, height=height, model=self.model_key,
                              label=self.matcher.label_of(job.path))
         messages: list[Message] = []
-        if previous is not None and previous.sha256 == sha256:
-            if previous.status == "done" and previous.model == self.model_key:
-                # touched, same bytes: consumers have it already, matches included
-                return self._commit(job, record, None, [], RECORDED, vector=vector)
-        else:
+        seen = previous is not None and previous.sha256 == sha256 and previous.status == "done"
+        if seen and previous and previous.model == self.model_key:
+            # touched, same bytes: consumers have it already, matches included
+            return self._commit(job, record, None, [], RECORDED, vector=vector)
+        if not seen:
             messages += self._withdrawal(previous)  # the old picture is gone
         messages += self.messages.embedding(record, vector)
+        # Matched only when the picture is new here: re-embedding it under another model
+        # must not fire its match events (and Home Assistant's automations) again.
         return self._commit(job, record, vector if new_vector else None, messages, RECORDED,
-                            vector=vector, match=True)
+                            vector=vector, match=not seen)
 
     def _record_failure(self, job: Job, previous: ImageRecord | None, err: BaseException,
                         st: os.stat_result | None = None, sha256: str | None = None) -> str:
