@@ -165,11 +165,17 @@ run_local() {
 !!! trying the plumbing only. Real model: DINOWATCH_MODEL=/path/to/dinov2_vits14.onnx $0"
   fi
 
-  # Rewritten on every run, so the model choice above always applies. To
-  # customise, copy it and run: $venv/bin/dinowatch run -c <copy>
-  cat >"$state/config.yaml" <<EOF
+  # Rewritten on every run (so the model and port chosen above apply), unless
+  # the user edited it since the last run: then it is kept, and what this run
+  # would have written is left beside it.
+  local config=$state/config.yaml generated=$state/config.generated.yaml
+  if [[ -f $config && -f $generated ]] && ! cmp -s "$config" "$generated"; then
+    say "keeping $config: you edited it (what this run would write: $generated)"
+    config=$generated.new
+  fi
+  cat >"$config" <<EOF
 # Written by scripts/install.sh for a local foreground run; rewritten on every
-# run. Every key is explained in config/dinowatch.yaml.
+# run until you edit it. Every key is explained in config/dinowatch.yaml.
 data_dir: $(yaml_str "$data")
 model:
   name: dinov2-vits14
@@ -183,6 +189,11 @@ mqtt:
 logging:
   level: INFO
 EOF
+  if [[ $config == "$state/config.yaml" ]]; then
+    cp "$config" "$generated"   # what an unedited config looks like
+  else
+    mv "$config" "$generated"
+  fi
 
   # Debian keeps mosquitto in /usr/sbin, which is not on a normal user's PATH.
   local mosquitto broker=$state/mosquitto

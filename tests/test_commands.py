@@ -10,9 +10,14 @@ Mosquitto, with paho clients of the test's own speaking MQTT 5 and MQTT 3.1.1:
 * paths outside the watched folders and the gallery (absolute elsewhere, relative, with a
   `..` part, a symbolic link out, a NUL byte) are refused with `Forbidden` for search and
   enroll; the file is not read (its access time stays) and nothing lands in the gallery;
+* a file `dinowatch index` recorded in a watched folder before the daemon read it (the
+  daemon paused meanwhile) is found by a search once the watcher reports it, and a copy
+  of it gets a duplicate event naming it;
 * oversized, malformed and wrong-typed requests, an unknown command and a response topic
   under the device's own topics each get one error reply (on the default reply topic
-  where that applies), and the daemon keeps working;
+  where that applies), and the daemon keeps working; a response topic under any
+  dinowatch device's topics or Home Assistant's discovery prefix gets nothing published
+  on it; a lone surrogate (JSON "\\ud800") in an id or label still gets exactly one reply;
 * enroll writes a reference into `<gallery>/<label>/`, which the daemon embeds and later
   matches (a `match` event with the label); bad labels are refused;
 * rescan lists the watched folders and the gallery, and refuses a folder it does not watch;
@@ -20,7 +25,8 @@ Mosquitto, with paho clients of the test's own speaking MQTT 5 and MQTT 3.1.1:
   at once, refuses with `RateLimited`, and stays up.
 
 Then direct tests of `Commands.resolve`, `Commands.reply_topic`, `Commands.answer` and
-`RateLimit` on a real embedder (tiny stand-in model) and a real `Matcher`.
+`RateLimit` on a real embedder (tiny stand-in model) and a real `Matcher`; a search or
+enroll by a path larger than `imaging.max_pixels` allows is refused before it is read.
 
 Thresholds for the tiny stand-in model (measured): a 320x240 scene against itself re-encoded
 at JPEG quality 60 scores >= 0.995; different scenes at most ~0.94. The gallery threshold
@@ -34,6 +40,9 @@ import hashlib
 import io
 import json
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -48,12 +57,14 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from PIL import Image, PngImagePlugin
 
 from conftest import Mosquitto, Subscriber
 from daemon_process import DaemonProcess, wait_until, write_config
 from dinowatch.commands import CommandError, Commands, RateLimit, Reply, Request
 from dinowatch.config import CommandSettings, MatchingSettings
 from dinowatch.embedder import DinoEmbedder
+from dinowatch.imaging import ImagingOptions
 from dinowatch.match import Matcher
 from dinowatch.mqtt import Topics
 from dinowatch.testing import synthetic_photo
@@ -351,6 +362,43 @@ def test_search_results_name_a_file_whose_name_is_not_utf8_exactly(site: Site) -
     assert hit["score"] == pytest.approx(1.0, abs=1e-3)
 
 
+def test_search_finds_a_file_dinowatch_index_recorded_in_a_watched_folder(site: Site) -> None:
+    """`dinowatch index` on a watched folder while the daemon runs may record a file before
+    the daemon reads it (here the daemon is paused with SIGSTOP meanwhile, as a busy one
+    would be). When the watcher then reports the file, the daemon finds it recorded and
+    unchanged: it must still join the daemon's index, for searches and duplicates."""
+    folder = site.inbox / "by-cli"
+    folder.mkdir()
+    data = jpeg(71)
+    recorded = folder / "recorded.jpg"
+    site.daemon.signal(signal.SIGSTOP)
+    try:
+        recorded.write_bytes(data)
+        result = subprocess.run([sys.executable, "-m", "dinowatch.cli", "index", "-c",
+                                 str(site.daemon.config), str(folder)],
+                                capture_output=True, text=True, timeout=120, check=False)
+    finally:
+        site.daemon.signal(signal.SIGCONT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("1 files: 1 recorded"), result.stdout
+
+    def found() -> list[dict[str, Any]]:
+        body = site.v5.ask("search", {"image": b64(data), "k": 3}).body
+        return [hit for hit in body["results"] if hit["path"] == str(recorded)]
+
+    wait_until(found, TIMEOUT, f"a search to find {recorded}")
+    [hit] = found()
+    assert hit["score"] == pytest.approx(1.0, abs=1e-3)
+    assert hit["sha256"] == hashlib.sha256(data).hexdigest()
+    copy = site.inbox / "recorded-copy.jpg"
+    site.drop(copy.name, data)
+    site.everything.wait_for(lambda _: any(m["image"]["path"] == str(copy)
+                                           for m in site.matches()), TIMEOUT)
+    duplicates = [m for m in site.matches()
+                  if m["image"]["path"] == str(copy) and m["kind"] == "duplicate"]
+    assert [(m["reference"]["path"], m["score"]) for m in duplicates] == [(str(recorded), 1.0)]
+
+
 # ---- 2. search over MQTT 3.1.1 ----------------------------------------------------------------
 
 def test_search_over_mqtt311_replies_on_the_reply_topic_echoing_the_id(
@@ -500,6 +548,53 @@ def test_a_response_topic_deeper_under_the_reply_topic_is_used(site: Site) -> No
     answer = site.v5.ask("search", {"vector": b64(np.ones(384, "<f4").tobytes()), "k": 1},
                          response_topic=deeper)
     assert answer.topic == deeper and answer.body["ok"] is True
+
+
+def test_a_response_topic_under_dinowatch_or_home_assistant_topics_is_not_used(
+        site: Site, broker: Mosquitto) -> None:
+    """A reply must not pose as another dinowatch's message or request, nor as a Home
+    Assistant discovery config or birth message: it goes to the default reply topic and
+    nothing at all is published on the topic asked for."""
+    refused = ["homeassistant/status", "homeassistant/sensor/x/config",
+               "dinowatch/other-pi/cmd/search", "dinowatch/other-pi/embedding", "dinowatch"]
+    watcher = Requester(broker, paho.MQTTv5, *refused, f"{BASE}/cmd/search/reply")
+    try:
+        vector = b64(np.ones(384, "<f4").tobytes())
+        for topic in refused:
+            answer = watcher.ask("search", {"vector": vector, "k": 1}, response_topic=topic)
+            assert (answer.topic, answer.body["ok"]) == (f"{BASE}/cmd/search/reply", True), \
+                topic
+        time.sleep(QUIET)  # a reply on a refused topic would have arrived by now
+        assert [a for a in watcher.answers if a.topic in refused] == []
+    finally:
+        watcher.close()
+
+
+def test_a_lone_surrogate_in_a_request_still_gets_exactly_one_reply(site: Site) -> None:
+    """JSON may carry "\\ud800", which no UTF-8 text can hold: in an id it is echoed (as the
+    same JSON escape), in a label it is a bad request and nothing reaches the gallery."""
+    before = files_under(site.gallery)
+    vector = b64(np.ones(384, "<f4").tobytes())
+    requests = [("search", {"id": "\ud800", "vector": vector, "k": 1}, True),
+                ("enroll", {"label": "\ud800", "image": b64(jpeg(50))}, False),
+                ("enroll", {"id": "x\udcff", "label": "van\udcff", "image": b64(jpeg(50))},
+                 False)]
+    sent = []
+    for name, body, ok in requests:
+        correlation = uuid.uuid4().bytes
+        site.v5.send(name, body, response_topic=site.v5.inbox, correlation=correlation)
+        sent.append((correlation, body, ok))
+    for correlation, body, ok in sent:
+        [answer] = site.v5.wait(lambda a, c=correlation: a.correlation == c)
+        assert answer.body["ok"] is ok, answer.body
+        assert answer.body.get("id") == body.get("id")
+        if not ok:
+            assert answer.body["error"] == "BadRequest", answer.body
+    time.sleep(QUIET)  # a second reply would arrive now
+    correlations = [c for c, _, _ in sent]
+    assert sorted(a.correlation for a in site.v5.answers
+                  if a.correlation in correlations) == sorted(correlations)
+    assert files_under(site.gallery) == before  # no folder either
 
 
 def test_after_all_that_the_daemon_still_works(site: Site, scenes: dict[str, bytes]) -> None:
@@ -820,6 +915,42 @@ def test_answer_error_kinds_and_id_echo(direct: Direct) -> None:
     assert unknown.topic == "dinowatch/unit/cmd/nope/reply"
     assert unknown.correlation_data == b"c"
     assert json.loads(unknown.payload)["error"] == "UnknownCommand"
+
+
+def test_a_path_over_the_size_limit_is_refused_unread(direct: Direct, tiny_model: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file larger than any image within `imaging.max_pixels` can be (a small picture
+    followed by 64 MiB of zeros here, which the decoder would take) is refused before it is
+    read, for search and enroll alike: a request must not fill the Pi's memory."""
+    # decode() makes Pillow's process-wide limits follow max_pixels: restored afterwards,
+    # or later tests in this process would meet a 10,000-pixel Pillow
+    for module, name in ((Image, "MAX_IMAGE_PIXELS"), (PngImagePlugin, "MAX_TEXT_CHUNK"),
+                         (PngImagePlugin, "MAX_TEXT_MEMORY")):
+        monkeypatch.setattr(module, name, getattr(module, name))
+    imaging = ImagingOptions(max_pixels=10_000)  # max_file_bytes: 80,000 + 64 MiB
+    limited = DinoEmbedder(tiny_model, imaging=imaging)
+    commands = Commands(CommandSettings(), Topics("dinowatch", "unit"), embedder=limited,
+                        matcher=direct.commands.matcher, gallery_dir=direct.gallery,
+                        roots=lambda: [direct.watched], rescan=lambda folder: [],
+                        send=direct.sent.append)
+    picture = io.BytesIO()
+    synthetic_photo(80, 60, seed=5).save(picture, "JPEG")
+    padded = direct.watched / "padded.jpg"
+    with padded.open("wb") as out:
+        out.write(picture.getvalue())
+        out.truncate(imaging.max_file_bytes + 1)  # a sparse tail: cheap on disk
+    try:
+        with padded.open("rb") as file:  # the premise: only the size refuses it
+            assert limited.prepare(file, name=str(padded)).width == 80
+        for name, body in (("search", {"path": str(padded)}),
+                           ("enroll", {"label": "van", "path": str(padded)})):
+            reply = commands.answer(Request(name, json.dumps(body).encode()))
+            refused = json.loads(reply.payload)
+            assert (refused["ok"], refused.get("error")) == (False, "ImageTooLarge"), refused
+            assert f"{imaging.max_file_bytes:,}" in refused["message"], refused
+        assert files_under(direct.gallery) == set()
+    finally:
+        limited.close()
 
 
 def test_rate_limit_allows_the_burst_then_the_rate() -> None:

@@ -6,9 +6,12 @@
 - `Matcher` over a real SQLite store: `load()` after a restart equals the state built image
   by image with `update()`; gallery vs history; `label_of`; a label's score is its best
   reference; `top_k`; thresholds (global, watch, `matching.labels`, `label.yaml`, a broken
-  `label.yaml`, label and watch together); duplicates; gallery images get no events.
+  `label.yaml`, label and watch together); duplicates; gallery images get no events;
+  readers (`search`, `labels`) answer while another thread holds `Matcher.lock` (the
+  pipeline holds it through a store write).
 - `add_reference`: the gallery's files (atomic write, same bytes once, name clashes,
-  non-images, bad labels).
+  non-images, formats the gallery's watcher would skip, bad labels, labels the gallery's
+  watcher would skip or that are not UTF-8).
 - Store schema 3: a version-2 database migrates keeping its rows; match rows commit in the
   image's transaction.
 
@@ -42,9 +45,11 @@ from dinowatch.match import (
     DUPLICATE,
     GALLERY,
     LABEL_FILE,
+    SUFFIXES,
     GalleryError,
     Matcher,
     add_reference,
+    check_label,
 )
 from dinowatch.store import MIGRATIONS, ImageRecord, Match, Message, Store
 from dinowatch.testing import synthetic_photo
@@ -668,6 +673,42 @@ def test_gallery_images_get_no_events_and_loose_gallery_files_are_not_indexed(
     assert sorted(matcher.history) == [str(cam / "1.jpg")]
 
 
+def test_readers_do_not_wait_for_a_slow_commit(store: Store, gallery: Path, cam: Path) -> None:
+    """The pipeline holds `Matcher.lock` from match through the store write to the index
+    update; a slow write (a busy SD card) must not stall MQTT searches or `labels()`. Another
+    thread holds the lock here while a reader runs: a deadlock check, not a timing one."""
+    matcher = _matcher(gallery)
+    _commit(store, matcher, gallery / "cat/a.jpg", _toward(0.9))
+    _commit(store, matcher, cam / "1.jpg", E0)
+    held, release = threading.Event(), threading.Event()
+
+    def commit_in_progress() -> None:
+        with matcher.lock:
+            held.set()
+            release.wait(60)
+
+    answers: dict[str, object] = {}
+
+    def read() -> None:
+        answers["search"] = [(hit.reference.path, hit.score) for hit in matcher.search(E0, 5)]
+        answers["labels"] = matcher.labels()
+
+    writer = threading.Thread(target=commit_in_progress, daemon=True)
+    reader = threading.Thread(target=read, daemon=True)
+    writer.start()
+    try:
+        assert held.wait(10)
+        reader.start()
+        reader.join(10)
+        assert not reader.is_alive(), "search()/labels() waited for Matcher.lock"
+    finally:
+        release.set()
+        writer.join(10)
+        reader.join(10)
+    assert answers == {"search": [(str(cam / "1.jpg"), 1.0), (str(gallery / "cat/a.jpg"), 0.9)],
+                       "labels": {"cat": 1}}
+
+
 # ---- add_reference: the gallery's files ----------------------------------------------------
 
 def _image_bytes(seed: int, fmt: str = "JPEG", size: tuple[int, int] = (64, 48)) -> bytes:
@@ -723,6 +764,37 @@ def test_add_reference_refuses_bad_labels(gallery: Path, label: object) -> None:
         add_reference(gallery, label, _image_bytes(1), "a.jpg",  # type: ignore[arg-type]
                       ImagingOptions())
     assert _files(gallery.parent) == ["gallery"]
+
+
+@pytest.mark.parametrize("fmt", ["PPM", "TGA", "ICO"])
+def test_add_reference_refuses_a_format_the_gallery_watcher_skips(gallery: Path,
+                                                                  fmt: str) -> None:
+    """Pillow decodes these, but no gallery file name could carry them past the watcher's
+    include patterns: the reference would never be embedded."""
+    data = _image_bytes(1, fmt)
+    assert fmt not in SUFFIXES
+    with pytest.raises(ImageError) as refused:
+        add_reference(gallery, "van", data, f"side.{fmt.lower()}", ImagingOptions())
+    message = str(refused.value)
+    assert fmt in message and f"side.{fmt.lower()}" in message
+    assert all(supported in message for supported in ("JPEG", "PNG", "WEBP")), message
+    assert _files(gallery) == []
+
+
+@pytest.mark.parametrize("label", ["engine.part", "x.tmp", "van~", "van\udcff", "\ud800"],
+                         ids=["part", "tmp", "tilde", "undecodable-byte", "lone-surrogate"])
+def test_labels_the_gallery_watcher_skips_or_not_utf8_are_refused(gallery: Path,
+                                                                  label: str) -> None:
+    """A folder named like a temporary file is excluded by the gallery's watch (its
+    references would never be embedded); a label must be text that UTF-8 can write."""
+    with pytest.raises(GalleryError) as refused:
+        check_label(label)
+    if label.isascii():
+        assert repr(label) in str(refused.value)  # names the label
+    with pytest.raises(GalleryError):
+        add_reference(gallery, label, _image_bytes(1), "a.jpg", ImagingOptions())
+    assert _files(gallery.parent) == ["gallery"]
+    assert check_label("part.engine") == "part.engine"  # the patterns, not a substring
 
 
 def test_a_failed_reference_write_leaves_no_part_file(gallery: Path) -> None:

@@ -9,9 +9,18 @@ label (`label.yaml`), per watch entry, and a removed label; no events for galler
 `search` (CLI and MQTT) answering the same before and after a restart; the CLI's output and
 exit codes.
 
-One daemon (module scope) serves every test but the duplicate one, which counts inferences
-from the daemon's start and so has its own. Each test uses its own scenes and file names, so
-the tests do not depend on each other's order.
+A model change (tiny stand-ins A and B, Home Assistant on): the restart re-embeds every image
+and publishes its embedding, but records and publishes no match event again, and the label
+whose reference is still being re-embedded is never removed from Home Assistant. The gallery
+commands on their own (tiny stand-in, no daemon): `rematch` skips a label removed meanwhile
+and queues `match` messages only (no last match, label state or thumbnail) with Home
+Assistant on; `add` refuses a label the gallery's watcher would skip; `remove` of a label
+folder that is a symbolic link removes the link only; `list` shows a label.yaml threshold of
+0.0 as such.
+
+One daemon (module scope) serves every test but the duplicate and model-change ones, which
+count from the daemon's start or restart it, and so have their own. Each test uses its own
+scenes and file names, so the tests do not depend on each other's order.
 
 Threshold. The stand-in has random weights, so where it separates was measured first, and
 each test checks that premise again for its own pictures (`Rig.assert_separates`, an
@@ -29,10 +38,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -50,7 +61,8 @@ from PIL import Image, ImageEnhance
 from conftest import Mosquitto, Received, Subscriber
 from daemon_process import DaemonProcess, write_config
 from dinowatch import DinoEmbedder
-from dinowatch.testing import synthetic_photo
+from dinowatch.store import Store
+from dinowatch.testing import synthetic_photo, write_model
 
 pytestmark = pytest.mark.slow  # the full-size stand-in model, in the daemon and the CLI
 
@@ -119,6 +131,13 @@ def published_key(event: dict) -> tuple:
     return event_key(event["image"]["path"], event["image"]["sha256"], event["kind"],
                      event["label"], event["score"], event["reference"]["path"],
                      event["reference"]["sha256"])
+
+
+def run_cli(config: Path, *args: object) -> subprocess.CompletedProcess:
+    """`dinowatch <command> [<action>] -c CONFIG <rest>`."""
+    command, rest = [str(a) for a in args[:2]], [str(a) for a in args[2:]]
+    return subprocess.run([*CLI, *command, "-c", str(config), *rest],
+                          capture_output=True, text=True, timeout=300, check=False)
 
 
 def stored_events(data_dir: Path) -> list[tuple]:
@@ -223,9 +242,7 @@ class Rig:
 
     # -- the CLI and requests ---------------------------------------------------------------
     def cli(self, *args: object) -> subprocess.CompletedProcess:
-        command, rest = [str(a) for a in args[:2]], [str(a) for a in args[2:]]
-        return subprocess.run([*CLI, *command, "-c", str(self.config), *rest],
-                              capture_output=True, text=True, timeout=300, check=False)
+        return run_cli(self.config, *args)
 
     def request(self, name: str, body: dict, timeout: float = TIMEOUT) -> dict:
         """An MQTT 3.1.1 request; its reply (on `cmd/<name>/reply`, matched by `id`). Sent
@@ -542,8 +559,8 @@ def test_gallery_list_shows_labels_with_counts(rig: Rig) -> None:
     plain = rig.cli("gallery", "list")
     assert plain.returncode == 0, plain.stderr
     for label in LABELS:
-        assert re.search(rf"^{label}: {rows[label]['references']} references",
-                         plain.stdout, re.MULTILINE), plain.stdout
+        assert re.search(rf"^{label}: {rows[label]['references']} references? embedded",
+                         plain.stdout, re.MULTILINE), plain.stdout  # 1 reference, 2 references
 
 
 def test_gallery_list_counts_no_label_yaml_as_a_file(rig: Rig) -> None:
@@ -732,3 +749,214 @@ def test_equal_scores_come_back_in_the_same_order_after_a_restart(restart: Answe
     assert restart.daemon_before == restart.cli_before
     assert restart.daemon_after == restart.daemon_before
     assert restart.cli_after == restart.cli_before
+
+
+# ---- 8. a model change ----------------------------------------------------------------------
+
+TINY_THRESHOLD = 0.98  # tiny stand-in: a picture against its own bytes 1.0, other scenes <= 0.96
+MODEL_DEVICE = "model-pi"
+
+
+def tiny_config(path: Path, device: str, data: Path, inbox: Path, model: Path,
+                broker: Mosquitto) -> Path:
+    """A config for the tiny stand-ins, Home Assistant discovery on."""
+    return write_config(path, device_id=device, data_dir=str(data), model={"path": str(model)},
+                        watch=[{"path": str(inbox), "settle_seconds": SETTLE}],
+                        matching={"threshold": TINY_THRESHOLD},
+                        mqtt={"host": broker.host, "port": broker.port,
+                              "homeassistant": {"enabled": True}})
+
+
+def test_a_model_change_re_embeds_without_replaying_matches_or_dropping_labels(
+        broker: Mosquitto, tiny_model: Path, tmp_path: Path,
+        subscriber_factory: Callable[..., Subscriber]) -> None:
+    """Model A records a reference and two copies of it (gallery matches and a duplicate);
+    the daemon restarts with model B (another seed). Every image is embedded again and its
+    embedding published, but the pictures are not new: no `matches` row, no `match` message
+    (which Home Assistant automations would take for a new sighting). The reference is held
+    back (kept fresh, so the watcher waits for it to settle) until the restarted daemon has
+    announced itself to Home Assistant: its label, recorded but not yet in the new model's
+    index, must not be removed meanwhile (an empty retained config deletes the entity)."""
+    base = f"dinowatch/{MODEL_DEVICE}"
+    label_config = f"homeassistant/binary_sensor/{MODEL_DEVICE}/label_van/config"
+    processed_config = f"homeassistant/sensor/{MODEL_DEVICE}/processed/config"
+    data, inbox, staging = tmp_path / "data", tmp_path / "inbox", tmp_path / "staging"
+    inbox.mkdir()
+    staging.mkdir()
+    config = tmp_path / "config.yaml"
+    tiny_config(config, MODEL_DEVICE, data, inbox, tiny_model, broker)
+    subscriber = subscriber_factory(broker, f"{base}/#", f"homeassistant/+/{MODEL_DEVICE}/#")
+
+    def received(topic: str) -> list[Received]:
+        return [m for m in subscriber.messages if m.topic == topic]
+
+    def embeddings(path: Path) -> list[dict]:
+        return [e for e in payloads(subscriber.messages, f"{base}/embedding")
+                if e["path"] == str(path)]
+
+    def embedded(path: Path, times: int) -> None:
+        subscriber.wait_for(lambda _: len(embeddings(path)) >= times, timeout=TIMEOUT)
+
+    def match_ids() -> set[str]:
+        return {e["id"] for e in payloads(subscriber.messages, f"{base}/match")}
+
+    scene = picture(61)
+    reference = data / "gallery" / "van" / "van.jpg"
+    one, two = inbox / "one.jpg", inbox / "two.jpg"
+    with DaemonProcess(config, tmp_path) as daemon:
+        daemon.start()
+        reference.parent.mkdir(parents=True)
+        reference.write_bytes(scene)
+        embedded(reference, 1)
+        subscriber.wait_for(lambda _: any(m.payload for m in received(label_config)),
+                            timeout=TIMEOUT)
+        for copy in (one, two):
+            copy.write_bytes(scene)
+            embedded(copy, 1)
+        subscriber.wait_for(lambda _: len(match_ids()) >= 3, timeout=TIMEOUT)
+        assert_committed_together(subscriber, f"{base}/match", data)
+        rows = stored_events(data)
+        assert sorted((row[0], row[2], row[3]) for row in rows) == [
+            (str(one), "gallery", "van"), (str(two), "duplicate", None),
+            (str(two), "gallery", "van")]
+        sent = match_ids()
+        assert daemon.stop() == 0
+
+        tiny_config(config, MODEL_DEVICE, data, inbox,
+                    write_model(tmp_path / "tiny-b.onnx", "tiny", seed=1), broker)
+        announced, configs = len(received(processed_config)), len(received(label_config))
+        release = threading.Event()
+
+        def keep_reference_fresh() -> None:
+            while not release.wait(0.1):
+                os.utime(reference)
+
+        toucher = threading.Thread(target=keep_reference_fresh, daemon=True)
+        toucher.start()
+        try:
+            daemon.start()
+            embedded(one, 2)
+            embedded(two, 2)
+            subscriber.wait_for(lambda _: len(received(processed_config)) > announced,
+                                timeout=TIMEOUT)  # announced to Home Assistant after the start
+        finally:
+            release.set()
+            toucher.join()
+        assert len(embeddings(reference)) == 1  # the premise: not re-embedded yet
+        (staging / reference.name).write_bytes(scene)
+        (staging / reference.name).replace(reference)  # reported at once
+        embedded(reference, 2)
+
+        assert stored_events(data) == rows  # nothing recorded again ...
+        assert match_ids() == sent  # ... nor published (the reference came after the copies)
+        for path in (reference, one, two):
+            before, after = embeddings(path)[:2]
+            assert before["model"]["sha256"] != after["model"]["sha256"], path
+        assert len(received(label_config)) > configs  # the restarted daemon announced van
+        assert [m.payload for m in received(label_config) if not m.payload] == []  # kept it
+        assert [m for m in received(f"{base}/label/van") if not m.payload] == []
+        daemon.collect(0.2)  # read its sd_notify STATUS lines, as systemd does, before the stop
+        assert daemon.stop() == 0
+
+
+# ---- 9. the gallery commands on their own -----------------------------------------------------
+
+OFFLINE_DEVICE = "offline-pi"
+
+
+@dataclass
+class Offline:
+    """A configuration (tiny stand-in, Home Assistant on) and its database; no daemon."""
+
+    config: Path
+    data: Path
+    gallery: Path
+    inbox: Path
+    staging: Path
+
+    def cli(self, *args: object) -> subprocess.CompletedProcess:
+        return run_cli(self.config, *args)
+
+    def outbox(self, after: int = 0) -> list[tuple[int, str, bytes]]:
+        with sqlite3.connect(f"file:{self.data / 'dinowatch.db'}?mode=ro", uri=True) as db:
+            return db.execute("SELECT seq, topic, payload FROM outbox WHERE seq > ? "
+                              "ORDER BY seq", (after,)).fetchall()
+
+
+@pytest.fixture
+def offline(tmp_path: Path, broker: Mosquitto, tiny_model: Path) -> Offline:
+    data, inbox, staging = tmp_path / "data", tmp_path / "inbox", tmp_path / "staging"
+    for folder in (data, inbox, staging):
+        folder.mkdir()
+    config = tiny_config(tmp_path / "config.yaml", OFFLINE_DEVICE, data, inbox, tiny_model,
+                         broker)
+    Store(data / "dinowatch.db").close()  # as a daemon's first start leaves it
+    return Offline(config, data, data / "gallery", inbox, staging)
+
+
+def test_rematch_skips_a_label_removed_meanwhile_and_queues_match_messages_only(
+        offline: Offline) -> None:
+    """Two images, then two labels whose references are their exact bytes; `late` stays,
+    `gone` is removed while no daemon runs (its rows still say `done`). A rematch records
+    the `late` event only, and its outbox rows are `match` messages alone: no retained last
+    match, label state or thumbnail, which would tell Home Assistant of a sighting now."""
+    late_scene, gone_scene = picture(11), picture(12)
+    x, y = offline.inbox / "x.jpg", offline.inbox / "y.jpg"
+    x.write_bytes(late_scene)
+    y.write_bytes(gone_scene)
+    indexed = offline.cli("index", offline.inbox)
+    assert indexed.returncode == 0, indexed.stderr
+    late, gone = offline.gallery / "late" / "late.jpg", offline.gallery / "gone" / "gone.jpg"
+    for path, data in ((late, late_scene), (gone, gone_scene)):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(data)
+    indexed = offline.cli("index", offline.gallery)
+    assert indexed.returncode == 0, indexed.stderr
+    assert [row for row in stored_events(offline.data) if row[2] == "gallery"] == []
+
+    removed = offline.cli("gallery", "remove", "gone")
+    assert removed.returncode == 0, removed.stderr
+    queued = max((seq for seq, _, _ in offline.outbox()), default=0)
+    rematch = offline.cli("gallery", "rematch")
+    assert rematch.returncode == 0, rematch.stderr
+    assert rematch.stdout.startswith("1 new match events"), rematch.stdout
+    assert [(row[0], row[2], row[3], row[5]) for row in stored_events(offline.data)] == [
+        (str(x), "gallery", "late", str(late))]
+    new = offline.outbox(after=queued)
+    assert [topic for _, topic, _ in new] == [f"dinowatch/{OFFLINE_DEVICE}/match"], new
+    event = json.loads(new[0][2])
+    assert (event["image"]["path"], event["label"], event["score"]) == (str(x), "late", 1.0)
+
+
+def test_gallery_add_refuses_a_label_the_gallery_watcher_would_skip(offline: Offline) -> None:
+    image = offline.staging / "engine.jpg"
+    image.write_bytes(picture(13))
+    added = offline.cli("gallery", "add", "engine.part", image)
+    assert added.returncode == 1, (added.stdout, added.stderr)
+    assert "'engine.part'" in added.stderr, added.stderr
+    assert not (offline.gallery / "engine.part").exists()
+
+
+def test_gallery_remove_of_a_symlinked_label_removes_the_link_only(offline: Offline,
+                                                                   tmp_path: Path) -> None:
+    shared = tmp_path / "shared-references"
+    shared.mkdir()
+    (shared / "van.jpg").write_bytes(picture(14))
+    offline.gallery.mkdir()
+    (offline.gallery / "van").symlink_to(shared, target_is_directory=True)
+    removed = offline.cli("gallery", "remove", "van")
+    assert removed.returncode == 0, (removed.stdout, removed.stderr)
+    assert not os.path.lexists(offline.gallery / "van")
+    assert (shared / "van.jpg").read_bytes() == picture(14)  # what it pointed to stays
+
+
+def test_gallery_list_shows_a_label_yaml_threshold_of_zero(offline: Offline) -> None:
+    (offline.gallery / "anything").mkdir(parents=True)
+    (offline.gallery / "anything" / "label.yaml").write_text("threshold: 0.0\n")
+    listed = offline.cli("gallery", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout) == [{"label": "anything", "references": 0, "files": 0,
+                                          "threshold": 0.0}]
+    plain = offline.cli("gallery", "list")
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.strip().endswith("threshold 0.0"), plain.stdout

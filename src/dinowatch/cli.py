@@ -219,6 +219,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(report, indent=2))
         return EXIT_OK
     images = report["images"]
+    topics = f"{settings.mqtt.topic_prefix}/{settings.device_id}/…" if settings.mqtt else \
+        "no MQTT"
     print(f"daemon: {_daemon_line(state, daemon.get('connected'), settings.mqtt is not None)}")
     model = daemon.get("model")
     if isinstance(model, dict):
@@ -226,6 +228,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
               + (", pinned)" if model.get("pinned") else ", not the registry's pinned file)")
               + (" STAND-IN: random weights, its vectors mean nothing" if model.get("stand_in")
                  else ""))
+    print(f"device: {settings.device_id} ({topics})")
     print(f"images: {images['done']} embedded, {images['failed']} failed, "
           f"{images['deleted']} deleted")
     labels = report["labels"]
@@ -458,8 +461,11 @@ def _gallery_add(gallery: Path, label: str, images: list[Path], settings: Settin
             _fail(f"{readable(image)}: not added: {readable(str(err))}")
             continue
         print(f"{readable(image)} -> {readable(target)}")
-    print(f"{len(images) - failed} references for {label!r} in {readable(gallery / label)}; "
-          "a running daemon embeds them within seconds", file=sys.stderr)
+    if failed < len(images):
+        added = len(images) - failed
+        print(f"{added} reference{'s' if added > 1 else ''} for {label!r} in "
+              f"{readable(gallery / label)}; a running daemon embeds "
+              f"{'them' if added > 1 else 'it'} within seconds", file=sys.stderr)
     return EXIT_FAILURE if failed else EXIT_OK
 
 
@@ -503,9 +509,13 @@ def _gallery_list(gallery: Path, store: Store, matcher: Matcher, *, as_json: boo
     if not rows:
         print(f"no labels yet: dinowatch gallery add LABEL IMAGE… (gallery: {gallery})")
     for row in rows:
-        print(f"{row['label']}: {row['references']} references embedded, {row['files']} "
-              f"files, threshold {row['threshold']}")
+        print(f"{row['label']}: {_count_of(row['references'], 'reference')} embedded, "
+              f"{_count_of(row['files'], 'file')}, threshold {row['threshold']}")
     return EXIT_OK
+
+
+def _count_of(number: object, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _first_set(value: float | None, default: float) -> float:

@@ -346,12 +346,12 @@ class Daemon:
         if self._announced is None:
             self._announced = json.loads(self.store.meta(ANNOUNCED_KEY) or "[]")
         announced = self._announced
-        if not everything and labels == announced:
-            return
         # A label still recorded but not indexed (references being re-embedded after a model
         # change) is kept: removing it would delete the entity and its user settings.
         if set(announced) - set(labels):
             labels = sorted(set(labels) | (set(announced) & set(self.store.label_counts())))
+        if not everything and labels == announced:
+            return  # nothing changed for Home Assistant (kept labels included)
         messages = discovery.configs(labels)
         if not everything:
             messages = [m for m in messages if "/binary_sensor/" in m.topic]

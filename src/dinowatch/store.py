@@ -105,6 +105,7 @@ MIGRATIONS = [
         ts TEXT NOT NULL
     );
     CREATE INDEX matches_path ON matches (path, sha256);
+    CREATE INDEX images_label ON images (label) WHERE label IS NOT NULL;
     """,
 ]
 
@@ -464,7 +465,8 @@ class Store:
 
     def label_counts(self) -> dict[str, int]:
         """Gallery label -> references recorded (`done`)."""
-        rows = self._reader.execute("SELECT label, count(*) FROM images WHERE status = 'done' "
+        # `+status`: through images_label (the gallery's rows), not through every done image
+        rows = self._reader.execute("SELECT label, count(*) FROM images WHERE +status = 'done' "
                                     "AND label IS NOT NULL GROUP BY label ORDER BY label")
         return {row[0]: row[1] for row in rows}
 
