@@ -32,18 +32,7 @@ warn() { printf '\n!!! %s\n\n' "$*" >&2; }
 # Is a broker accepting connections on localhost:PORT (default 1883)? (bash's /dev/tcp: no
 # netcat needed)
 broker_up() { (exec 3<>"/dev/tcp/127.0.0.1/${1:-1883}") 2>/dev/null; }
-# `python -m venv` needs ensurepip, which Debian ships separately in python3-venv.
-need_venv_module() {
-  "$PY" -c 'import ensurepip' 2>/dev/null && return
-  if [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null; then
-    say "apt-get install python3-venv"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv || true
-  fi
-  "$PY" -c 'import ensurepip' 2>/dev/null || {
-    echo "$PY cannot make a virtual environment (no ensurepip): sudo apt install python3-venv" >&2
-    exit 1
-  }
-}
+. "$REPO/scripts/venv.sh"  # need_venv_module, ensure_venv
 # YAML single-quoted scalar (quotes doubled); "null" stays null.
 yaml_str() { if [[ $1 == null ]]; then echo null; else printf "'%s'\n" "${1//\'/\'\'}"; fi; }
 
@@ -130,12 +119,7 @@ run_local() {
   cd "$REPO"   # ./.venv and ./.dinowatch live next to the sources
   local venv=${PREFIX:-$REPO/.venv} state=$REPO/.dinowatch model=null
   local data=$state/data inbox=$state/inbox port=${DINOWATCH_MQTT_PORT:-1883}
-  # Reused when it works (scripts/test.sh uses the same one); a half-made one is redone.
-  if ! "$venv/bin/python" -m pip --version >/dev/null 2>&1; then
-    need_venv_module
-    say "virtualenv $venv"
-    "$PY" -m venv --clear "$venv"
-  fi
+  ensure_venv "$venv"   # scripts/test.sh uses the same one
   # Editable, as scripts/test.sh installs it: the two share this venv and must not keep
   # swapping the package under a running daemon; edits under src/ apply at the next start.
   say "pip install -e ."

@@ -19,35 +19,13 @@ command -v "$PY" >/dev/null || die "no $PY here: install python3 (>= 3.11) or se
 "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
   die "$PY is Python $("$PY" -c 'import platform; print(platform.python_version())'); dinowatch needs >= 3.11 (set PYTHON=...)"
 
-# `python -m venv` needs ensurepip, which Debian ships separately in python3-venv.
-need_venv_module() {
-  "$PY" -c 'import ensurepip' 2>/dev/null && return
-  local version package=python3-venv
-  version=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-  # Debian's default python3 comes with python3-venv; another version has its own package.
-  [[ $(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) == "$version" ]] ||
-    package=python$version-venv
-  if [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null; then
-    say "apt-get install $package (python -m venv needs ensurepip)"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q "$package" || { apt-get update -q && apt-get install -y -q "$package"; } ||
-      true
-  fi
-  "$PY" -c 'import ensurepip' 2>/dev/null ||
-    die "$PY cannot make a virtual environment (no ensurepip). On Debian / Raspberry Pi OS: sudo apt install $package"
-}
+. scripts/venv.sh
 
 if "$PY" -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)'; then
   python=$PY   # already a virtual environment (activated, or PYTHON=venv/bin/python)
 else
-  venv=$PWD/.venv
-  python=$venv/bin/python
-  # Reused when it works; a half-made one (e.g. `venv` failed for want of ensurepip) is redone.
-  if ! "$python" -m pip --version >/dev/null 2>&1; then
-    need_venv_module
-    say "virtualenv $venv ($PY)"
-    "$PY" -m venv --clear "$venv"
-  fi
+  ensure_venv "$PWD/.venv"
+  python=$PWD/.venv/bin/python
 fi
 say "pip install -e '.[test]' into $("$python" -c 'import sys; print(sys.prefix)')"
 "$python" -m pip install --quiet --disable-pip-version-check -e '.[test]'

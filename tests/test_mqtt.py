@@ -20,6 +20,7 @@ from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
+from daemon_process import wait_until
 from dinowatch import mqtt as mqtt_module
 from dinowatch.config import MqttSettings, TlsSettings
 from dinowatch.mqtt import Publisher, Topics, embedding_message, error_message, message_id
@@ -39,12 +40,6 @@ MakePublisher = Callable[..., Publisher]
 pytestmark = pytest.mark.usefixtures("fast_mqtt")
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}", pytrace=False)
-        time.sleep(0.05)
 
 
 def numbered(start: int, stop: int) -> list[Message]:
@@ -143,7 +138,7 @@ def test_window_caps_in_flight_and_rows_go_only_on_ack(store: Store) -> None:
     pub.start()
     fake.rc = MQTTErrorCode.MQTT_ERR_NO_CONN
     fake.connack()
-    wait_until(lambda: len(fake.published) >= 1 + mqtt_module.WINDOW, "a full window")
+    wait_until(lambda: len(fake.published) >= 1 + mqtt_module.WINDOW, TIMEOUT, "a full window")
     time.sleep(0.5)
     assert len(fake.published) == 1 + mqtt_module.WINDOW  # `online` + one window, no more
     assert store.outbox_depth() == 40  # nothing is deleted without an acknowledgement
@@ -151,8 +146,9 @@ def test_window_caps_in_flight_and_rows_go_only_on_ack(store: Store) -> None:
     for mid, topic, _, _ in list(fake.published):
         if topic == TOPICS.embedding:
             fake.puback(mid)
-    wait_until(lambda: store.outbox_depth() == 40 - mqtt_module.WINDOW, "acks applied")
-    wait_until(lambda: len(fake.published) >= 1 + 2 * mqtt_module.WINDOW, "the next window")
+    wait_until(lambda: store.outbox_depth() == 40 - mqtt_module.WINDOW, TIMEOUT, "acks applied")
+    wait_until(lambda: len(fake.published) >= 1 + 2 * mqtt_module.WINDOW, TIMEOUT,
+               "the next window")
     sent = [json.loads(p)["n"] for _, topic, p, _ in fake.published if topic == TOPICS.embedding]
     assert sent == list(range(2 * mqtt_module.WINDOW))  # in order, no repeats
     pub.stop(timeout=0.1)
@@ -168,7 +164,7 @@ def test_delivers_the_outbox_in_order_exactly_once(
     store.enqueue(numbered(0, 50))
     pub = publisher(mosquitto, protocol=protocol)
     subscriber.wait_for(lambda messages: len(messages) >= 50)
-    wait_until(lambda: store.outbox_depth() == 0, "an empty outbox")
+    wait_until(lambda: store.outbox_depth() == 0, TIMEOUT, "an empty outbox")
     time.sleep(0.3)  # anything extra would show up now
     assert numbers(subscriber.messages) == list(range(50))
     assert pub.connected and pub.last_error is None
@@ -184,12 +180,12 @@ def test_broker_down_at_start(mosquitto: Mosquitto, store: Store, publisher: Mak
     mosquitto.stop()
     store.enqueue(numbered(0, 20))
     pub = publisher(mosquitto)  # returns at once
-    wait_until(lambda: pub.last_error is not None, "a connection error")
+    wait_until(lambda: pub.last_error is not None, TIMEOUT, "a connection error")
     assert not pub.connected and "cannot reach" in (pub.last_error or "")
     assert store.outbox_depth() == 20
     mosquitto.start()
     subscriber.wait_for(lambda messages: set(numbers(messages)) == set(range(20)))
-    wait_until(lambda: store.outbox_depth() == 0, "an empty outbox")
+    wait_until(lambda: store.outbox_depth() == 0, TIMEOUT, "an empty outbox")
     assert pub.connected and pub.last_error is None
 
 
@@ -198,20 +194,20 @@ def test_broker_restart_mid_stream_loses_nothing(
         subscriber_factory: MakeSubscriber) -> None:
     subscriber = subscriber_factory(mosquitto, TOPICS.embedding)
     pub = publisher(mosquitto)
-    wait_until(lambda: pub.connected, "the connection")
+    wait_until(lambda: pub.connected, TIMEOUT, "the connection")
     store.enqueue(numbered(0, 300))
     pub.wake()
     subscriber.wait_for(lambda messages: len(messages) >= 5)
     mosquitto.stop()
     store.enqueue(numbered(300, 330))
     pub.wake()
-    wait_until(lambda: not pub.connected, "the publisher to notice")
+    wait_until(lambda: not pub.connected, TIMEOUT, "the publisher to notice")
     time.sleep(2)
     assert store.outbox_depth() >= 30
     mosquitto.start()
     # At-least-once: a message in flight during the stop may arrive twice, none may be lost.
     subscriber.wait_for(lambda messages: set(numbers(messages)) == set(range(330)))
-    wait_until(lambda: store.outbox_depth() == 0, "an empty outbox")
+    wait_until(lambda: store.outbox_depth() == 0, TIMEOUT, "an empty outbox")
 
 
 WILL_CHILD = textwrap.dedent("""
@@ -266,7 +262,7 @@ def test_refused_credentials_recover_when_the_password_file_is_fixed(
     password_file.write_text(wrong + "\n")
     store.enqueue(numbered(0, 3))
     pub = publisher(broker, username="dino", password_file=password_file)
-    wait_until(lambda: pub.last_error is not None, "the refusal")
+    wait_until(lambda: pub.last_error is not None, TIMEOUT, "the refusal")
     error = (pub.last_error or "").lower()
     assert "not authorized" in error or "bad user name" in error, error
     assert f"{broker.host}:{broker.port}" in error
@@ -277,8 +273,8 @@ def test_refused_credentials_recover_when_the_password_file_is_fixed(
     assert len(refusals) == 1, "the refusal is logged once, not on every retry"
 
     password_file.write_text(right + "\n")
-    wait_until(lambda: pub.connected, "the connection with the fixed password")
-    wait_until(lambda: store.outbox_depth() == 0, "an empty outbox")
+    wait_until(lambda: pub.connected, TIMEOUT, "the connection with the fixed password")
+    wait_until(lambda: store.outbox_depth() == 0, TIMEOUT, "an empty outbox")
     assert pub.last_error is None
     for record in caplog.records:
         text = record.getMessage() + str(record.exc_text or "")
@@ -295,7 +291,7 @@ def test_tls_with_client_certificates(
                       keyfile=tls_ca.client_key)
     pub = publisher(broker, tls=tls)
     subscriber.wait_for(lambda messages: numbers(messages) == list(range(5)))
-    wait_until(lambda: store.outbox_depth() == 0, "an empty outbox")
+    wait_until(lambda: store.outbox_depth() == 0, TIMEOUT, "an empty outbox")
     assert pub.connected
 
 
@@ -304,7 +300,7 @@ def test_stats_are_retained_json(mosquitto: Mosquitto, publisher: MakePublisher,
     pub = publisher(mosquitto)
     pub.publish_stats({"processed": 1})  # before the connection: skipped, no error
     subscriber = subscriber_factory(mosquitto, TOPICS.stats)
-    wait_until(lambda: pub.connected, "the connection")
+    wait_until(lambda: pub.connected, TIMEOUT, "the connection")
     stats = {"processed": 3, "failed": 0, "queue": 0, "outbox": 0, "images/s": 1.5,
              "uptime": 12.0}
     pub.publish_stats(stats)
@@ -327,7 +323,7 @@ def test_a_certificate_from_another_ca_is_refused_and_said_clearly(
                    capture_output=True, check=True)
     store.enqueue(numbered(0, 2))
     pub = publisher(broker, tls=TlsSettings(enabled=True, ca_certs=other / "ca.crt"))
-    wait_until(lambda: pub.last_error is not None, "the refusal")
+    wait_until(lambda: pub.last_error is not None, TIMEOUT, "the refusal")
     time.sleep(2.5)  # a few more attempts (1 s backoff in tests)
     assert not pub.connected and store.outbox_depth() == 2
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
@@ -342,14 +338,14 @@ def test_a_second_instance_with_the_same_device_id_is_named_once(
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     first = publisher(mosquitto)
-    wait_until(lambda: first.connected, "the first connection")
+    wait_until(lambda: first.connected, TIMEOUT, "the first connection")
     publisher(mosquitto)  # the same device_id, so the same client id: the broker swaps them
 
     def clashes() -> list[logging.LogRecord]:
         return [r for r in caplog.records if r.levelno == logging.ERROR
                 and "use the same device_id" in r.getMessage()]
 
-    wait_until(lambda: bool(clashes()), "the clash to be named", timeout=40)
+    wait_until(lambda: bool(clashes()), 40, "the clash to be named")
     time.sleep(3)  # more swaps, each instance says it once at most (both log here)
     assert 1 <= len(clashes()) <= 2, [r.getMessage() for r in clashes()]
     assert f"client id dinowatch-{DEVICE}" in clashes()[0].getMessage()
@@ -361,7 +357,7 @@ def test_broker_restarts_are_not_taken_for_a_device_id_clash(
     caplog.set_level(logging.DEBUG)
     pub = publisher(mosquitto)
     for _ in range(6):
-        wait_until(lambda: pub.connected, "a connection")
+        wait_until(lambda: pub.connected, TIMEOUT, "a connection")
         mosquitto.restart()
-    wait_until(lambda: pub.connected, "the last reconnect")
+    wait_until(lambda: pub.connected, TIMEOUT, "the last reconnect")
     assert not [r for r in caplog.records if "same device_id" in r.getMessage()]

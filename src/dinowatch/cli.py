@@ -29,8 +29,9 @@ from dinowatch.config import (
 from dinowatch.embedder import EMBED_ERRORS, DinoEmbedder
 from dinowatch.errors import readable
 from dinowatch.match import Matcher, gallery_watch
-from dinowatch.mqtt import path_fields
+from dinowatch.mqtt import search_fields
 from dinowatch.store import Store
+from dinowatch.watch import is_gone
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
 
@@ -189,11 +190,11 @@ def _daemon_line(state: dict[str, object], connected: object, mqtt: bool) -> str
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from dinowatch.daemon import DATABASE_NAME, open_store
+    from dinowatch.daemon import open_store
     from dinowatch.store import RESUME_FREE_BYTES
 
-    if not (settings.data_dir / DATABASE_NAME).exists():
-        return _fail(f"no database in {settings.data_dir} yet: has dinowatch run?")
+    if (missing := _no_database(settings)) is not None:
+        return missing
     store = open_store(settings)
     daemon_stats = json.loads(store.meta("stats") or "{}")
     free = shutil.disk_usage(settings.data_dir).free
@@ -341,7 +342,7 @@ def cmd_model(args: argparse.Namespace) -> int:
 
 def cmd_outbox(args: argparse.Namespace, settings: Settings) -> int:
     """`outbox list|retry|drop`: messages parked after the broker refused them."""
-    from dinowatch.daemon import DATABASE_NAME, open_store
+    from dinowatch.daemon import open_store
     from dinowatch.store import StoreError
 
     every = getattr(args, "all", False)
@@ -350,8 +351,8 @@ def cmd_outbox(args: argparse.Namespace, settings: Settings) -> int:
         print(f"dinowatch outbox {args.action}: name the messages (SEQ…) or give --all",
               file=sys.stderr)
         return EXIT_USAGE
-    if not (settings.data_dir / DATABASE_NAME).exists():
-        return _fail(f"no database in {settings.data_dir} yet: has dinowatch run?")
+    if (missing := _no_database(settings)) is not None:
+        return missing
     store = open_store(settings)
     try:
         if args.action == "list":
@@ -377,12 +378,20 @@ def cmd_outbox(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
-def _open_recorded(settings: Settings) -> tuple[DinoEmbedder, Store, Matcher] | int:
-    """What `_open_stages` opens, from a database that must exist already."""
+def _no_database(settings: Settings) -> int | None:
+    """The exit code, said on stderr, when there is no database yet; else None."""
     from dinowatch.daemon import DATABASE_NAME
 
-    if not (settings.data_dir / DATABASE_NAME).exists():
-        return _fail(f"no database in {settings.data_dir} yet: has dinowatch run?")
+    if (settings.data_dir / DATABASE_NAME).exists():
+        return None
+    return _fail(f"no database in {settings.data_dir} yet: has dinowatch run?")
+
+
+def _open_recorded(settings: Settings) -> tuple[DinoEmbedder, Store, Matcher] | int:
+    """What `_open_stages` opens, from a database that must exist already."""
+
+    if (missing := _no_database(settings)) is not None:
+        return missing
     return _open_stages(settings)
 
 
@@ -413,9 +422,7 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
         embedder.close()
     hits = matcher.search(vector, args.k)
     if args.json:
-        print(json.dumps([{**path_fields(hit.reference.path), "label": hit.reference.label,
-                           "score": hit.score, "sha256": hit.reference.sha256}
-                          for hit in hits], indent=2, ensure_ascii=False))
+        print(json.dumps([search_fields(hit) for hit in hits], indent=2, ensure_ascii=False))
         return EXIT_OK
     if not hits:
         print("nothing stored to compare with yet", file=sys.stderr)
@@ -531,12 +538,12 @@ def _gallery_rematch(settings: Settings, embedder: DinoEmbedder, store: Store,
     messages = build_messages(settings, embedder)
     known = {(m.path, m.sha256, m.label) for m in store.matches() if m.kind == "gallery"}
     for reference in list(matcher.gallery):  # removed while the daemon was stopped
-        if not os.path.lexists(reference):
+        if is_gone(reference):
             matcher.update(reference, None, None)
     found = 0
     for record in store.images("done"):
         vector = matcher.history.vector(record.path)
-        if vector is None or record.sha256 is None or not os.path.lexists(record.path):
+        if vector is None or record.sha256 is None or is_gone(record.path):
             continue
         events = [event for event in matcher.gallery_matches(record.path, record.sha256, vector)
                   if (event.path, event.sha256, event.label) not in known]

@@ -35,8 +35,9 @@ import paho.mqtt.client as paho
 from dinowatch.config import CommandSettings
 from dinowatch.embedder import EMBED_ERRORS, DinoEmbedder
 from dinowatch.errors import DinowatchError, readable
+from dinowatch.imaging import ImageTooLarge
 from dinowatch.match import GalleryError, Matcher, add_reference, check_label
-from dinowatch.mqtt import Topics, path_fields
+from dinowatch.mqtt import Topics, path_fields, search_fields
 
 log = logging.getLogger(__name__)
 
@@ -214,9 +215,7 @@ class Commands:
                                              f"{self.settings.max_k}, not {_shown(k)}")
         vector = self._query_vector(body)
         hits = self.matcher.search(vector, k)
-        return {"k": k, "results": [
-            {**path_fields(hit.reference.path), "label": hit.reference.label,
-             "score": hit.score, "sha256": hit.reference.sha256} for hit in hits]}
+        return {"k": k, "results": [search_fields(hit) for hit in hits]}
 
     def _query_vector(self, body: dict[str, Any]) -> np.ndarray:
         given = [key for key in ("vector", "image", "path", "image_bytes") if key in body]
@@ -246,22 +245,19 @@ class Commands:
     def _read(self, path: Path) -> bytes:
         """The file's bytes, if no larger than an image within `imaging.max_pixels` can be
         (what the pipeline takes too): a request must not fill the Pi's memory."""
-        limit = self.embedder.imaging.max_file_bytes
+        imaging = self.embedder.imaging
         try:
             with open(path, "rb") as file:
-                size = os.fstat(file.fileno()).st_size
-                if size > limit:
-                    raise CommandError("ImageTooLarge", f"{readable(path)}: {size:,} bytes; "
-                                       f"an image within imaging.max_pixels is at most "
-                                       f"{limit:,}")
-                return file.read(limit + 1)
+                imaging.check_file_size(os.fstat(file.fileno()).st_size, path)
+                return file.read(imaging.max_file_bytes + 1)
         except OSError as err:
             raise CommandError("OSError", f"{readable(path)}: {err.strerror}") from err
+        except ImageTooLarge as err:
+            raise CommandError("ImageTooLarge", str(err)) from err
 
     def _embed(self, image: BinaryIO, name: str) -> np.ndarray:
         try:
-            prepared = self.embedder.prepare(image, name=name)
-            return self.embedder.infer([prepared.tensor], self.normalize)[0]
+            return self.embedder.embed(image, self.normalize, name=name)
         except EMBED_ERRORS as err:
             raise CommandError(type(err).__name__, readable(str(err))) from err
 

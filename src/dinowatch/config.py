@@ -207,6 +207,12 @@ MACHINE_ID = Path("/etc/machine-id")
 DEVICE_ID_APP = b"dinowatch device id"  # the application key the machine id is hashed with
 
 
+def topic_hostname(hostname: str | None = None) -> str:
+    """This machine's short hostname as a topic level ('/', '+', '#', spaces as '-')."""
+    name = (hostname or socket.gethostname()).split(".")[0] or "dinowatch"
+    return re.sub(r"[/+#\s]", "-", name)
+
+
 def default_device_id(hostname: str | None = None, machine_id: Path = MACHINE_ID) -> str:
     """The hostname; for a distribution default such as `raspberrypi`, plus a short suffix
     derived from /etc/machine-id (`raspberrypi-3f9a1c`), stable across reboots.
@@ -214,8 +220,7 @@ def default_device_id(hostname: str | None = None, machine_id: Path = MACHINE_ID
     The machine id is hashed with an application key rather than shown, as machine-id(5)
     asks of anything that exposes it on a network.
     """
-    name = (hostname or socket.gethostname()).split(".")[0] or "dinowatch"
-    name = re.sub(r"[/+#\s]", "-", name)
+    name = topic_hostname(hostname)
     if name.lower() not in DISTRIBUTION_HOSTNAMES:
         return name
     try:

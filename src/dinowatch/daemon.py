@@ -18,10 +18,17 @@ import paho.mqtt.client as paho
 
 from dinowatch import models
 from dinowatch.commands import Commands, Reply, Request
-from dinowatch.config import ConfigError, MqttSettings, Settings, WatchSettings, load_settings
+from dinowatch.config import (
+    ConfigError,
+    MqttSettings,
+    Settings,
+    WatchSettings,
+    load_settings,
+    topic_hostname,
+)
 from dinowatch.embedder import EMBED_ERRORS, DinoEmbedder
 from dinowatch.errors import readable
-from dinowatch.homeassistant import Discovery, slug
+from dinowatch.homeassistant import Discovery
 from dinowatch.imaging import ImagingOptions, thumbnail
 from dinowatch.match import GALLERY, Matcher, gallery_watch
 from dinowatch.mqtt import (
@@ -149,8 +156,7 @@ class MqttMessages(Messages):
         messages.append(last_match_message(self.topics, path=record.path,
                                            source=record.source, event=labelled[0], qos=qos))
         if self.mqtt.homeassistant.enabled:
-            messages += [Message(self.topics.label(slug(event.label or "")), b"ON", qos)
-                         for event in labelled]
+            messages += [self.discovery.label_on(event.label or "") for event in labelled]
             try:
                 picture = thumbnail(record.path, self.embedder.imaging,
                                     self.mqtt.homeassistant.thumbnail_pixels)
@@ -246,7 +252,7 @@ class Daemon:
         """Open everything; SIGTERM meanwhile (a model fetch may take minutes) raises
         StopRequested at once instead of waiting for the start to finish."""
         settings = self.settings
-        hostname = socket.gethostname().split(".")[0]
+        hostname = topic_hostname()
         if "device_id" not in settings.model_fields_set and settings.device_id != hostname:
             log.warning("device_id is %s: the hostname %s is a distribution default, so a "
                         "suffix from /etc/machine-id keeps two such devices apart (dinowatch "
@@ -302,7 +308,8 @@ class Daemon:
             self.commands.start()
             publisher.subscribe(topics.command("+"), self._on_request)
         if mqtt.homeassistant.enabled:
-            publisher.subscribe(f"{mqtt.homeassistant.discovery_prefix}/status",
+            assert isinstance(self.messages, MqttMessages)
+            publisher.subscribe(self.messages.discovery.status_topic,
                                 self._on_homeassistant_status)
 
     def _on_request(self, message: paho.MQTTMessage) -> None:
@@ -352,9 +359,7 @@ class Daemon:
             labels = sorted(set(labels) | (set(announced) & set(self.store.label_counts())))
         if not everything and labels == announced:
             return  # nothing changed for Home Assistant (kept labels included)
-        messages = discovery.configs(labels)
-        if not everything:
-            messages = [m for m in messages if "/binary_sensor/" in m.topic]
+        messages = discovery.configs(labels) if everything else discovery.label_configs(labels)
         messages += [discovery.label_off(label) for label in labels if label not in announced]
         for gone in sorted(set(announced) - set(labels)):
             messages += discovery.removals(gone)

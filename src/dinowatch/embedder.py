@@ -116,9 +116,11 @@ class DinoEmbedder:
         """Run prepared tensors through the backend as one batch: (N, dim) float32."""
         return postprocess(self.backend.infer(np.stack(tensors)), self.dim, normalize)
 
-    def embed(self, image_path: str | Path, normalize: bool = True) -> np.ndarray:
-        """One image file -> (dim,) float32, L2-normalized unless `normalize=False`."""
-        return self.infer([self.prepare(image_path).tensor], normalize)[0]
+    def embed(self, image_path: str | Path | BinaryIO, normalize: bool = True, *,
+              name: str | None = None) -> np.ndarray:
+        """One image file (a path, or an open binary file that `name` names in errors) ->
+        (dim,) float32, L2-normalized unless `normalize=False`."""
+        return self.infer([self.prepare(image_path, name=name).tensor], normalize)[0]
 
     def embed_batch(self, image_paths: Sequence[str | Path], normalize: bool = True) -> np.ndarray:
         """Several image files -> (N, dim); the first bad file raises, naming it."""

@@ -10,14 +10,13 @@ the `status` topic says `offline` (the broker's Will).
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from dinowatch import __version__
 from dinowatch.config import HomeAssistantSettings
-from dinowatch.mqtt import Topics
+from dinowatch.mqtt import Topics, json_payload
 from dinowatch.store import Message
 
 ORIGIN = {"name": "dinowatch", "sw_version": __version__}
@@ -69,9 +68,9 @@ class Discovery:
                   "device": self._device(), "origin": ORIGIN, **fields}
         return self._config_topic(component, object_id), config
 
-    def _entities(self, labels: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    def _device_entities(self) -> list[tuple[str, dict[str, Any]]]:
         stats, last = self.topics.stats, self.topics.last_match
-        entities = [
+        return [
             self._entity("sensor", "processed", "Images processed", state_topic=stats,
                          value_template="{{ value_json.processed }}",
                          state_class="total_increasing", unit_of_measurement="images",
@@ -90,25 +89,40 @@ class Discovery:
             self._entity("image", "last_match_image", "Last match image",
                          image_topic=self.thumbnail_topic(), content_type="image/jpeg"),
         ]
-        entities += [self._entity("binary_sensor", f"label_{slug(label)}", f"Match {label}",
-                                  state_topic=self.topics.label(slug(label)), payload_on="ON",
-                                  payload_off="OFF", off_delay=self.settings.match_seconds,
-                                  icon="mdi:image-check")
-                     for label in sorted(labels)]
-        return entities
+
+    def _label_entities(self, labels: list[str]) -> list[tuple[str, dict[str, Any]]]:
+        return [self._entity("binary_sensor", f"label_{slug(label)}", f"Match {label}",
+                             state_topic=self.label_topic(label), payload_on="ON",
+                             payload_off="OFF", off_delay=self.settings.match_seconds,
+                             icon="mdi:image-check")
+                for label in sorted(labels)]
 
     def configs(self, labels: list[str]) -> list[Message]:
         """Every entity's retained config, the labels' binary sensors included."""
-        return [Message(topic, json.dumps(config, separators=(",", ":")).encode(), self.qos,
-                        retain=True) for topic, config in self._entities(labels)]
+        return self._messages([*self._device_entities(), *self._label_entities(labels)])
+
+    def label_configs(self, labels: list[str]) -> list[Message]:
+        """The labels' binary sensors' retained configs alone."""
+        return self._messages(self._label_entities(labels))
+
+    def _messages(self, entities: list[tuple[str, dict[str, Any]]]) -> list[Message]:
+        return [Message(topic, json_payload(config), self.qos, retain=True)
+                for topic, config in entities]
+
+    def label_topic(self, label: str) -> str:
+        return self.topics.label(slug(label))
+
+    def label_on(self, label: str) -> Message:
+        """A match of `label` (not retained: Home Assistant's off_delay turns it off)."""
+        return Message(self.label_topic(label), b"ON", self.qos)
 
     def label_off(self, label: str) -> Message:
         """A new label's binary sensor starts `off`, not `unknown` (retained; a match sends
         a plain `ON`, and Home Assistant's off_delay turns it off again)."""
-        return Message(self.topics.label(slug(label)), b"OFF", self.qos, retain=True)
+        return Message(self.label_topic(label), b"OFF", self.qos, retain=True)
 
     def removals(self, label: str) -> list[Message]:
         """Empty retained payloads: the label's entity and its retained state disappear."""
         return [Message(self._config_topic("binary_sensor", f"label_{slug(label)}"), b"",
                         self.qos, retain=True),
-                Message(self.topics.label(slug(label)), b"", self.qos, retain=True)]
+                Message(self.label_topic(label), b"", self.qos, retain=True)]

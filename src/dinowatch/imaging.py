@@ -67,6 +67,13 @@ class ImagingOptions:
         """Larger files are refused unread: memory stays bounded by `max_pixels`."""
         return self.max_pixels * MAX_BYTES_PER_PIXEL + METADATA_ALLOWANCE
 
+    def check_file_size(self, size: int, name: str | Path) -> None:
+        """ImageTooLarge, naming the file, if `size` bytes are over `max_file_bytes`."""
+        if size > self.max_file_bytes:
+            raise ImageTooLarge(f"{readable(name)}: {size:,} bytes is more than an image "
+                                f"within imaging.max_pixels can take "
+                                f"({self.max_file_bytes:,} bytes)")
+
 
 @dataclass(frozen=True)
 class DecodedImage:

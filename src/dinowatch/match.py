@@ -13,7 +13,6 @@ made strict stays strict for every label.
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import io
 import logging
@@ -28,11 +27,12 @@ import yaml
 from PIL import Image
 from pydantic import ValidationError
 
-from dinowatch.config import TEMPORARY_PATTERNS, LabelSettings, MatchingSettings, WatchSettings
+from dinowatch.config import LabelSettings, MatchingSettings, WatchSettings
 from dinowatch.errors import DinowatchError, readable
 from dinowatch.imaging import ImageError, ImagingOptions, decode
 from dinowatch.index import Hit, VectorIndex
 from dinowatch.store import Match, Store
+from dinowatch.watch import is_gone, name_matches
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +98,9 @@ class Matcher:
             self.gallery.remove(path)
             self.history.remove(path)
             self._refs.pop(path, None)
-            if vector is None or sha256 is None or (self.in_gallery(path)
-                                                    and not self.label_of(path)):
-                return
             label = self.label_of(path)
+            if vector is None or sha256 is None or (label is None and self.in_gallery(path)):
+                return  # nothing to index, or a file directly in the gallery (no label)
             self._refs[path] = Reference(path, sha256, label)
             (self.gallery if label else self.history).add(path, vector)
 
@@ -115,7 +114,7 @@ class Matcher:
 
     def label_of(self, path: str | Path) -> str | None:
         """The label of a reference `<gallery_dir>/<label>/…/<image>`; None elsewhere."""
-        if self._gallery_prefix is None or not str(path).startswith(self._gallery_prefix):
+        if self._gallery_prefix is None or not self.in_gallery(path):
             return None
         label, slash, _ = str(path)[len(self._gallery_prefix):].partition(os.sep)
         return readable(label) if slash and label else None
@@ -166,7 +165,9 @@ class Matcher:
 
     def threshold(self, label: str, path: str) -> float:
         """The gallery threshold for `label` on an image at `path` (see module docstring)."""
-        watch = self._watch_of(path)
+        return self._threshold(label, self._watch_of(path))
+
+    def _threshold(self, label: str, watch: WatchSettings | None) -> float:
         overrides = [t for t in (self.label_threshold(label),
                                  watch.threshold if watch else None) if t is not None]
         return max(overrides) if overrides else self.settings.threshold
@@ -195,10 +196,10 @@ class Matcher:
         One whose file is gone was renamed to this path (its deletion is on its way through
         the pipeline): not a duplicate, and it must not take a real one's place."""
         top_k = k = self.settings.top_k
+        threshold = self.duplicate_threshold(path)
         while True:
-            hits = self.history.search(vector, k, exclude=[path],
-                                       min_score=self.duplicate_threshold(path))
-            present = [hit for hit in hits if os.path.lexists(hit.key)]
+            hits = self.history.search(vector, k, exclude=[path], min_score=threshold)
+            present = [hit for hit in hits if not is_gone(hit.key)]
             if len(present) >= top_k or len(hits) < k:
                 return present[:top_k]
             k *= 2
@@ -207,6 +208,7 @@ class Matcher:
         """The labels `vector` matches, best first, at most `top_k`."""
         best: dict[str, Match] = {}
         seen: set[str] = set()
+        watch = self._watch_of(path)  # once per image, not once per label
         with self._state:
             for hit in self.gallery.search(vector, len(self.gallery)):
                 reference = self._refs[hit.key]
@@ -214,7 +216,7 @@ class Matcher:
                 if label in seen:  # hits come best first: its best reference was seen
                     continue
                 seen.add(label)
-                if hit.score >= self.threshold(label, path):  # once per label, not per ref
+                if hit.score >= self._threshold(label, watch):  # once per label, not per ref
                     best[label] = self._event(path, sha256, GALLERY, hit.score, reference)
         return sorted(best.values(), key=lambda e: -e.score)[: self.settings.top_k]
 
@@ -255,17 +257,17 @@ def check_label(label: object) -> str:
     """`label` if it can name a gallery folder; GalleryError saying why not."""
     if not isinstance(label, str) or not label or label.strip() != label:
         raise GalleryError("a label must be non-empty text without leading or trailing spaces")
-    if label.startswith(".") or "/" in label or "\0" in label:
-        raise GalleryError(f"label {label!r}: cannot start with '.' or contain '/'")
+    if "/" in label or "\0" in label:  # a leading '.' is the watcher's (below)
+        raise GalleryError(f"label {label!r}: cannot contain '/'")
     try:
         size = len(label.encode("utf-8"))
     except UnicodeEncodeError as err:
         raise GalleryError("a label must be valid UTF-8 text") from err
     if size > MAX_LABEL_BYTES:
         raise GalleryError(f"label {label[:20]!r}…: at most {MAX_LABEL_BYTES} bytes")
-    if any(fnmatch.fnmatch(label, pattern) for pattern in TEMPORARY_PATTERNS):
+    if name_matches(label, gallery_watch(Path()).exclude):  # the watcher's own rule
         raise GalleryError(f"label {label!r}: the gallery's watcher skips folders named like "
-                           f"{', '.join(TEMPORARY_PATTERNS)}")
+                           f"{', '.join(gallery_watch(Path()).exclude)}")
     return label
 
 

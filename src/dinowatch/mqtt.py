@@ -31,6 +31,7 @@ from paho.mqtt.properties import Properties
 from dinowatch.config import ConfigError, MqttSettings
 from dinowatch.errors import DinowatchError, readable
 from dinowatch.health import Activity
+from dinowatch.match import SearchHit
 from dinowatch.store import Match, Message, OutboxMessage, Store, utc_now
 
 log = logging.getLogger(__name__)
@@ -139,8 +140,21 @@ def path_fields(path: str | None) -> dict[str, str | None]:
     return {"path": text, "path_bytes": base64.b64encode(raw).decode("ascii")}
 
 
-def _json(payload: dict[str, Any]) -> bytes:
+def json_payload(payload: dict[str, Any]) -> bytes:
+    """Compact UTF-8 JSON, as every dinowatch payload is written."""
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def image_fields(device_id: str, path: str, source: str, sha256: str) -> dict[str, Any]:
+    """How payloads name an image: `id`, `path` (and `path_bytes`), `source`, `sha256`."""
+    return {"id": message_id(device_id, path, sha256), **path_fields(path), "source": source,
+            "sha256": sha256}
+
+
+def search_fields(hit: SearchHit) -> dict[str, Any]:
+    """One search result, as `dinowatch search --json` and the `search` request give it."""
+    return {**path_fields(hit.reference.path), "label": hit.reference.label,
+            "score": hit.score, "sha256": hit.reference.sha256}
 
 
 def embedding_message(topics: Topics, *, device_id: str, path: str, source: str, sha256: str,
@@ -156,32 +170,24 @@ def embedding_message(topics: Topics, *, device_id: str, path: str, source: str,
         encoded = None
     else:
         raise ValueError(f"unknown vector encoding {encoding!r}")
-    payload = {"id": message_id(device_id, path, sha256), **path_fields(path),
-               "source": source, "sha256": sha256, "width": width, "height": height,
-               "ts": utc_now(), "model": model,
+    payload = {**image_fields(device_id, path, source, sha256), "width": width,
+               "height": height, "ts": utc_now(), "model": model,
                "dim": int(values.size), "vector": encoded}
-    return Message(topics.embedding, _json(payload), qos=qos)
+    return Message(topics.embedding, json_payload(payload), qos=qos)
 
 
 def error_message(topics: Topics, *, path: str | None, error: str, message: str,
                   qos: int) -> Message:
     payload = {**path_fields(path), "error": error, "message": readable(message),
                "ts": utc_now()}
-    return Message(topics.error, _json(payload), qos=qos)
+    return Message(topics.error, json_payload(payload), qos=qos)
 
 
 def deleted_message(topics: Topics, *, device_id: str, path: str, source: str, sha256: str,
                     qos: int) -> Message:
     """A recorded file is gone: `id` is the one its embedding carried."""
-    payload = {"id": message_id(device_id, path, sha256), **path_fields(path),
-               "source": source, "sha256": sha256, "ts": utc_now()}
-    return Message(topics.deleted, _json(payload), qos=qos)
-
-
-def image_fields(device_id: str, path: str, source: str, sha256: str) -> dict[str, Any]:
-    """The image a `match` payload is about, as its `embedding` payload named it."""
-    return {"id": message_id(device_id, path, sha256), **path_fields(path), "source": source,
-            "sha256": sha256}
+    payload = {**image_fields(device_id, path, source, sha256), "ts": utc_now()}
+    return Message(topics.deleted, json_payload(payload), qos=qos)
 
 
 def match_message(topics: Topics, *, device_id: str, path: str, source: str,
@@ -197,7 +203,7 @@ def match_message(topics: Topics, *, device_id: str, path: str, source: str,
                "reference": {**path_fields(event.reference_path),
                              "sha256": event.reference_sha256},
                "ts": utc_now()}
-    return Message(topics.match, _json(payload), qos=qos)
+    return Message(topics.match, json_payload(payload), qos=qos)
 
 
 def last_match_message(topics: Topics, *, path: str, source: str, event: Match,
@@ -205,7 +211,7 @@ def last_match_message(topics: Topics, *, path: str, source: str, event: Match,
     """Retained: what a late subscriber (Home Assistant's sensors) shows as the last match."""
     payload = {"label": event.label, "score": event.score, **path_fields(path),
                "source": source, "ts": utc_now()}
-    return Message(topics.last_match, _json(payload), qos=qos, retain=True)
+    return Message(topics.last_match, json_payload(payload), qos=qos, retain=True)
 
 
 def _preview(payload: bytes) -> str:
@@ -360,7 +366,8 @@ class Publisher:
 
     def publish_stats(self, payload: dict[str, Any]) -> None:
         if self._connected:  # else the daemon publishes fresh ones on the next connect
-            self.publish_now(Message(self.topics.stats, _json(payload), qos=1, retain=True))
+            self.publish_now(Message(self.topics.stats, json_payload(payload), qos=1,
+                                     retain=True))
 
     def publish_now(self, message: Message) -> None:
         """Send past the outbox: for what cannot wait for, or be written to, the database

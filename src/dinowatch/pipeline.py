@@ -33,9 +33,10 @@ from dinowatch.config import DuplicateSettings, MatchingSettings
 from dinowatch.embedder import DinoEmbedder, Prepared
 from dinowatch.errors import readable
 from dinowatch.health import Activity
-from dinowatch.imaging import ImageError, ImageTooLarge
+from dinowatch.imaging import ImageError
 from dinowatch.match import Matcher
 from dinowatch.store import ImageRecord, Match, Message, Store, StoreUnavailable, utc_now
+from dinowatch.watch import is_gone
 
 log = logging.getLogger(__name__)
 
@@ -325,12 +326,8 @@ class Pipeline:
                         previous.model == self.model_key and \
                         (previous.size, previous.mtime_ns) == (before.st_size, before.st_mtime_ns):
                     return None  # this version of the file is already recorded
-                limit = self.embedder.imaging.max_file_bytes
-                if before.st_size > limit:
-                    raise ImageTooLarge(f"{readable(path)}: {before.st_size:,} bytes is more "
-                                        f"than an image within imaging.max_pixels can take "
-                                        f"({limit:,} bytes)")
-                data = file.read(limit + 1)
+                self.embedder.imaging.check_file_size(before.st_size, path)
+                data = file.read(self.embedder.imaging.max_file_bytes + 1)
                 after = os.fstat(file.fileno())
             if not _changed(before, after) and len(data) == after.st_size:
                 return after, data
@@ -351,7 +348,7 @@ class Pipeline:
     def _settle_gone(self, job: Job) -> str:
         """The file left its folder: its row ends `deleted` (unless a new file took the name;
         that one's own report follows)."""
-        if not _is_gone(job.path):
+        if not is_gone(job.path):
             return UNCHANGED
         return self._record_deleted(job, self.store.image(str(job.path)))
 
@@ -432,13 +429,13 @@ class Pipeline:
         seen = previous is not None and previous.sha256 == sha256 and previous.status == "done"
         if seen and previous and previous.model == self.model_key:
             # touched, same bytes: consumers have it already, matches included
-            return self._commit(job, record, None, [], RECORDED, vector=vector)
+            return self._commit(job, record, [], RECORDED, vector=vector)
         if not seen:
             messages += self._withdrawal(previous)  # the old picture is gone
         messages += self.messages.embedding(record, vector)
         # Matched only when the picture is new here: re-embedding it under another model
         # must not fire its match events (and Home Assistant's automations) again.
-        return self._commit(job, record, vector if new_vector else None, messages, RECORDED,
+        return self._commit(job, record, messages, RECORDED, store_vector=new_vector,
                             vector=vector, match=not seen)
 
     def _record_failure(self, job: Job, previous: ImageRecord | None, err: BaseException,
@@ -458,29 +455,30 @@ class Pipeline:
             return UNCHANGED  # failed the same way before, already reported
         messages = [*self.messages.error(str(job.path), kind, message),
                     *self._withdrawal(previous)]  # the picture consumers had is gone
-        return self._commit(job, record, None, messages, FAILED)
+        return self._commit(job, record, messages, FAILED)
 
     def _record_deleted(self, job: Job, previous: ImageRecord | None) -> str:
         """The row ends `deleted`; consumers hear of it if they had its embedding."""
         if previous is None:  # gone before it was ever read: still a visible end
             record = ImageRecord(path=str(job.path), source=job.source, size=-1, mtime_ns=-1,
                                  status="deleted", model=self.model_key)
-            return self._commit(job, record, None, [], DELETED)
+            return self._commit(job, record, [], DELETED)
         if previous.status == "deleted":
             return UNCHANGED
-        return self._commit(job, replace(previous, status="deleted", error=None), None,
+        return self._commit(job, replace(previous, status="deleted", error=None),
                             self._withdrawal(previous), DELETED)
 
     def _withdrawal(self, previous: ImageRecord | None) -> list[Message]:
         """The `deleted` message for a recorded version consumers got an embedding of."""
         return self.messages.deleted(previous) if previous and previous.status == "done" else []
 
-    def _commit(self, job: Job, record: ImageRecord, new_vector: np.ndarray | None,
-                messages: list[Message], outcome: str, *, vector: np.ndarray | None = None,
+    def _commit(self, job: Job, record: ImageRecord, messages: list[Message], outcome: str,
+                *, vector: np.ndarray | None = None, store_vector: bool = False,
                 match: bool = False) -> str:
-        """Store the row, a new vector, match events and messages in one transaction, then
-        bring the match indexes in step (`vector`: the image's vector, None when the row has
-        none; `match`: find its match events first). When the store cannot take a write now
+        """Store the row, match events and messages in one transaction, then bring the match
+        indexes in step (`vector`: the image's vector, None when the row has none;
+        `store_vector`: it is new and goes into the store too; `match`: find its match
+        events first). When the store cannot take a write now
         (a full disk, a lock held elsewhere), pause intake, wait until it can and put the job
         back: nothing is marked failed for it."""
         outage = self._outages
@@ -490,7 +488,7 @@ class Pipeline:
                     if match and vector is not None else []
                 if events:
                     messages = [*messages, *self.messages.match(record, events)]
-                self.store.record(record, new_vector, messages, events)
+                self.store.record(record, vector if store_vector else None, messages, events)
                 self.matcher.update(record.path, record.sha256, vector)
                 self.matched += len(events)
         except StoreUnavailable as err:
@@ -547,17 +545,6 @@ def _check_unchanged(path: Path, st: os.stat_result) -> None:
         raise FileNotFoundError(str(path)) from err
     if _changed(st, now):
         raise Changed(path)
-
-
-def _is_gone(path: Path) -> bool:
-    """True only when the name is certainly missing (not merely unreadable right now)."""
-    try:
-        path.lstat()
-    except (FileNotFoundError, NotADirectoryError):
-        return True
-    except OSError:
-        return False
-    return False
 
 
 def _describe(path: Path, err: BaseException) -> str:

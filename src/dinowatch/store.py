@@ -523,10 +523,7 @@ class Store:
                  row["created_at"], attempts, error, utc_now(), row["report_of"]))
             db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
             if report is not None and row["report_of"] is None:
-                db.execute(
-                    "INSERT INTO outbox (topic, payload, qos, retain, created_at, report_of) "
-                    "VALUES (?,?,?,?,?,?)", (report.topic, report.payload, report.qos,
-                                             int(report.retain), utc_now(), seq))
+                _insert_messages(db, [report], report_of=seq)
             return True
 
         return bool(self._write(work))
@@ -549,13 +546,11 @@ class Store:
         def work(db: sqlite3.Connection) -> list[tuple[int, int]]:
             moved = []
             for row in _parked(db, wanted):
-                cursor = db.execute(
-                    "INSERT INTO outbox (topic, payload, qos, retain, created_at, report_of) "
-                    "VALUES (?,?,?,?,?,?)", (row["topic"], row["payload"], row["qos"],
-                                             row["retain"], row["created_at"],
-                                             row["report_of"]))
+                _insert_messages(db, [_outbox_message(row)], created_at=row["created_at"],
+                                 report_of=row["report_of"])
+                new = db.execute("SELECT last_insert_rowid()").fetchone()[0]
                 db.execute("DELETE FROM dead_letters WHERE seq = ?", (row["seq"],))
-                moved.append((row["seq"], int(cursor.lastrowid or 0)))
+                moved.append((row["seq"], new))
             return moved
 
         return self._write(work) or []
@@ -606,11 +601,15 @@ def _insert_matches(db: sqlite3.Connection, matches: list[Match]) -> None:
           m.reference_sha256, m.ts or now) for m in matches])
 
 
-def _insert_messages(db: sqlite3.Connection, messages: list[Message]) -> None:
-    now = utc_now()
+def _insert_messages(db: sqlite3.Connection, messages: list[Message], *,
+                     created_at: str | None = None, report_of: int | None = None) -> None:
+    """Append `messages` to the outbox. `report_of`: they report the parking of that seq
+    (see migration 2)."""
+    now = created_at or utc_now()
     db.executemany(
-        "INSERT INTO outbox (topic, payload, qos, retain, created_at) VALUES (?,?,?,?,?)",
-        [(m.topic, m.payload, m.qos, int(m.retain), now) for m in messages])
+        "INSERT INTO outbox (topic, payload, qos, retain, created_at, report_of) "
+        "VALUES (?,?,?,?,?,?)",
+        [(m.topic, m.payload, m.qos, int(m.retain), now, report_of) for m in messages])
 
 
 # ---- dead letters ---------------------------------------------------------------------------

@@ -91,9 +91,22 @@ class WatchEvents(Protocol):
     def folder_error(self, watch: WatchSettings, message: str) -> None: ...
 
 
-def _any_match(name: str, patterns: list[str]) -> bool:
+def name_matches(name: str, patterns: list[str]) -> bool:
+    """True if the file or folder name matches a glob pattern, ignoring case."""
     name = name.lower()  # cameras write .JPG
     return any(fnmatchcase(name, pattern.lower()) for pattern in patterns)
+
+
+def is_gone(path: str | Path) -> bool:
+    """True only when the name is certainly missing (not merely unreadable right now: a
+    network share that fails for a moment must not look like a deletion)."""
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def matches(path: Path, watch: WatchSettings) -> bool:
@@ -105,8 +118,8 @@ def matches(path: Path, watch: WatchSettings) -> bool:
     if not parts or (not watch.recursive and len(parts) > 1):
         return False
     # Exclusions apply to every folder below the root too, so ".*" hides ".thumbnails/a.jpg".
-    return _any_match(parts[-1], watch.include) and not any(
-        _any_match(part, watch.exclude) for part in parts
+    return name_matches(parts[-1], watch.include) and not any(
+        name_matches(part, watch.exclude) for part in parts
     )
 
 
@@ -135,7 +148,7 @@ def _walk(folder: Path, watch: WatchSettings, *, root: bool) -> Iterator[Path]:
             log.warning("Cannot stat %s: %s", path, err)
             continue
         if is_dir:
-            if watch.recursive and not _any_match(entry.name, watch.exclude):
+            if watch.recursive and not name_matches(entry.name, watch.exclude):
                 yield from _walk(path, watch, root=False)
         elif matches(path, watch):
             # Whatever else carries an image's name (a broken or looping link, a FIFO) is
