@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
 import time
@@ -206,7 +207,10 @@ def test_a_file_larger_than_any_image_within_the_limit_is_refused_unread(
     huge = tmp_path / "huge.jpg"
     with huge.open("wb") as file:  # sparse: 200 MB that cost no disk and are never read
         file.truncate(200 << 20)
+    never = 946_684_800  # 2000-01-01: a read would move the access time (relatime)
+    os.utime(huge, (never, never))
     run(pipeline, huge)
+    assert huge.stat().st_atime == never  # refused unread
     assert pipeline.stop(timeout=10)
     record = store.image(str(huge))
     assert record.status == "failed" and record.error.startswith("ImageTooLarge: ")

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from daemon_process import DaemonProcess, write_config
+from daemon_process import DaemonProcess, wait_until, write_config
 from dinowatch import mqtt as mqtt_module
 from dinowatch.config import MqttSettings
 from dinowatch.mqtt import Publisher, Topics, build_client
@@ -49,12 +49,6 @@ def _fast_retries(fast_mqtt: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mqtt_module, "RETRY_FIRST_SECONDS", 0.2)
 
 
-def wait_until(condition: Callable[[], object], what: str, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}", pytrace=False)
-        time.sleep(0.05)
 
 
 def numbered(*ns: int, topic: str = TOPICS.embedding) -> list[Message]:
@@ -141,7 +135,7 @@ def test_daemon_parks_an_oversized_embedding_and_delivers_the_rest_in_order(
         staged.write_bytes(jpeg(seed))
         staged.rename(target)
         wait_until(lambda: rows(f"SELECT status FROM images WHERE path = '{target}'")
-                   == [("done",)], f"{target.name} recorded")
+                   == [("done",)], TIMEOUT, f"{target.name} recorded")
         return target
 
     with DaemonProcess(config, tmp_path) as daemon:
@@ -150,7 +144,8 @@ def test_daemon_parks_an_oversized_embedding_and_delivers_the_rest_in_order(
         ordinary = [drop_and_record(inbox / f"small{i}.jpg", 10 + i) for i in range(5)]
         subscriber.wait_for(lambda ms: len(of(ms, f"{topic}/embedding")) >= 5
                             and len(of(ms, f"{topic}/error")) >= 1)
-        wait_until(lambda: rows("SELECT count(*) FROM outbox") == [(0,)], "an empty outbox")
+        wait_until(lambda: rows("SELECT count(*) FROM outbox") == [(0,)], TIMEOUT,
+                   "an empty outbox")
         time.sleep(1)  # a repeat would show up now
         status = subprocess.run([*DINOWATCH, "status", "--json", "-c", str(config)],
                                 capture_output=True, text=True, timeout=60, check=False)
@@ -174,6 +169,12 @@ def test_daemon_parks_an_oversized_embedding_and_delivers_the_rest_in_order(
     assert before_stop == [b"online"], "the retained status flapped"
     assert status.returncode == 0 and json.loads(status.stdout)["dead_letters"] == 1
     assert "dead_letters" in of(messages, f"{topic}/stats")[-1]  # retained, on connect
+
+    def final_stats(ms: list[Received]) -> list[dict]:  # written as the daemon stopped
+        return [s for s in of(ms, f"{topic}/stats") if s.get("connected") is False]
+
+    final = final_stats(subscriber.wait_for(lambda ms: bool(final_stats(ms))))
+    assert final[-1]["dead_letters"] == 1
     assert listing.returncode == 0
     [line] = [row for row in listing.stdout.splitlines() if row.startswith(f"{seq} ")]
     assert f"{topic}/embedding" in line and str(len(payload)) in line and "MessageTooLarge" in line
@@ -223,7 +224,7 @@ def test_packet_size_limit_is_exact_and_the_window_follows_receive_maximum(
     pub.start()
     try:
         subscriber.wait_for(lambda ms: len(numbers(ms)) >= 31)
-        wait_until(lambda: store.outbox_depth() == 0, "an empty outbox")
+        wait_until(lambda: store.outbox_depth() == 0, TIMEOUT, "an empty outbox")
         assert (pub.window, client.max_inflight_messages, pub.max_packet_size) == (3, 3, 600)
         assert numbers(subscriber.messages) == [0, 100, *range(1, 30)]
         assert 1 <= peak[0] <= 3, peak
@@ -248,13 +249,13 @@ def test_refused_message_is_retried_and_delivered_once_the_acl_is_fixed(
     store.enqueue([*numbered(0), *numbered(7, topic=TOPICS.deleted), *numbered(1, 2)])
     pub = publisher(broker)
     wait_until(lambda: query(store, "SELECT attempts FROM outbox WHERE seq = 2") == [(1,)],
-               "the first refusal")
+               TIMEOUT, "the first refusal")
     subscriber.wait_for(lambda ms: numbers(ms) == [0, 1, 2])  # the rest flows meanwhile
     last_error = query(store, "SELECT last_error FROM outbox WHERE seq = 2")[0][0]
     assert last_error.startswith("Refused: ") and "Not authorized" in last_error
     set_acl()
     subscriber.wait_for(lambda ms: numbers(ms, TOPICS.deleted) == [7])
-    wait_until(lambda: store.outbox_depth() == 0, "an empty outbox")
+    wait_until(lambda: store.outbox_depth() == 0, TIMEOUT, "an empty outbox")
     assert store.dead_letter_count() == 0 and of(subscriber.messages, TOPICS.error) == []
     assert 1 <= denied(broker, TOPICS.deleted) < mqtt_module.MAX_ATTEMPTS
     assert connects(broker) == 1 and pub.connected
@@ -270,13 +271,13 @@ def test_refused_message_is_parked_after_bounded_retries_and_retry_brings_it_bac
     store.enqueue([*numbered(0), refused, *numbered(1, 2)])
     pub = publisher(broker)
     wait_until(lambda: query(store, "SELECT attempts FROM outbox WHERE seq = 2") == [(1,)],
-               "the first refusal")
+               TIMEOUT, "the first refusal")
     first_refusal = time.monotonic()
     store.enqueue(numbered(*range(3, 10)))  # arrive while it backs off
     pub.wake()
     subscriber.wait_for(lambda ms: numbers(ms) == list(range(10)))
     assert store.dead_letter_count() == 0  # they did not wait for it
-    wait_until(lambda: store.dead_letter_count() == 1, "the refused message parked")
+    wait_until(lambda: store.dead_letter_count() == 1, TIMEOUT, "the refused message parked")
     took = time.monotonic() - first_refusal
     backoffs = sum(0.2 * 2 ** k for k in range(mqtt_module.MAX_ATTEMPTS - 1))  # 0.2+…+1.6
     assert took >= backoffs - 0.1, f"parked after {took:.2f} s: retries without backoff"
@@ -288,7 +289,7 @@ def test_refused_message_is_parked_after_bounded_retries_and_retry_brings_it_bac
     body = json.loads(report.payload)
     assert (body["error"], body["path"]) == ("Refused", "/srv/camera/gone.jpg")
     assert "outbox message 2" in body["message"] and body["ts"].endswith("Z")
-    wait_until(lambda: store.outbox_depth() == 0, "the report delivered")
+    wait_until(lambda: store.outbox_depth() == 0, TIMEOUT, "the report delivered")
     time.sleep(1)
     assert denied(broker, TOPICS.deleted) == mqtt_module.MAX_ATTEMPTS  # then never again
     assert len(of(subscriber.messages, TOPICS.error)) == 1  # reported once
@@ -301,7 +302,7 @@ def test_refused_message_is_parked_after_bounded_retries_and_retry_brings_it_bac
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     subscriber.wait_for(lambda ms: of(ms, TOPICS.deleted) == [gone])
-    wait_until(lambda: store.outbox_depth() == 0, "an empty outbox")
+    wait_until(lambda: store.outbox_depth() == 0, TIMEOUT, "an empty outbox")
     assert store.dead_letter_count() == 0 and connects(broker) == 1
 
 
@@ -315,8 +316,8 @@ def test_a_report_that_cannot_be_delivered_is_parked_without_a_report(
     subscriber = subscriber_factory(broker, TOPICS.embedding)
     store.enqueue([*numbered(5, topic=TOPICS.deleted), *numbered(0, 1)])
     publisher(broker)
-    wait_until(lambda: store.dead_letter_count() == 2, "the message and its report parked")
-    wait_until(lambda: store.outbox_depth() == 0, "an empty outbox")
+    wait_until(lambda: store.dead_letter_count() == 2, TIMEOUT, "the message and its report parked")
+    wait_until(lambda: store.outbox_depth() == 0, TIMEOUT, "an empty outbox")
     time.sleep(1.5)  # a report of the report would be queued and parked by now
     letters = store.dead_letters()
     assert [letter.topic for letter in letters] == [TOPICS.deleted, TOPICS.error]
@@ -338,12 +339,12 @@ def test_message_that_ends_the_connection_is_parked_after_bounded_retries(
     store.enqueue([Message(TOPICS.embedding, json.dumps(big).encode()), *numbered(*range(5))])
     pub = publisher(broker, protocol="3.1.1")
     subscriber.wait_for(lambda ms: numbers(ms) == list(range(5)))
-    wait_until(lambda: store.dead_letter_count() == 1, "the big message parked")
+    wait_until(lambda: store.dead_letter_count() == 1, TIMEOUT, "the big message parked")
     [report] = subscriber.wait_for(lambda ms: bool(of(ms, TOPICS.error)))[-1:]
     body = json.loads(report.payload)
     assert (body["error"], body["path"]) == ("ConnectionClosed", "/srv/camera/huge.jpg")
-    wait_until(lambda: store.outbox_depth() == 0, "an empty outbox")
-    wait_until(lambda: pub.connected, "the last reconnect")
+    wait_until(lambda: store.outbox_depth() == 0, TIMEOUT, "an empty outbox")
+    wait_until(lambda: pub.connected, TIMEOUT, "the last reconnect")
     time.sleep(1.5)  # no further disconnects now
     [letter] = store.dead_letters()
     assert letter.attempts == mqtt_module.MAX_ATTEMPTS
@@ -433,7 +434,7 @@ def test_message_in_flight_at_a_reconnect_is_sent_again(
         store.enqueue([*numbered(0), *numbered(9, topic=TOPICS.deleted)])
         pub = publisher(relay)
         wait_until(lambda: query(store, "SELECT attempts FROM outbox WHERE seq = 2") == [(1,)],
-                   "the refusal")
+                   TIMEOUT, "the refusal")
         relay.hold()
         store.enqueue(numbered(1))  # seq 3: sent, never reaches the broker
         pub.wake()
@@ -441,10 +442,11 @@ def test_message_in_flight_at_a_reconnect_is_sent_again(
         assert numbers(subscriber.messages) == [0]
         relay.cut()  # reconnect with seq 2 refused and seq 3 in flight
         set_acl()
-        wait_until(lambda: not pub.connected, "the disconnect")
+        wait_until(lambda: not pub.connected, TIMEOUT, "the disconnect")
         subscriber.wait_for(lambda ms: numbers(ms) == [0, 1]
                             and numbers(ms, TOPICS.deleted) == [9])
-        wait_until(lambda: store.outbox_depth() == 0, "an empty outbox")  # README's promise
+        # README's promise
+        wait_until(lambda: store.outbox_depth() == 0, TIMEOUT, "an empty outbox")
         assert store.dead_letter_count() == 0
         assert pub.connected and connects(broker) == 2
     finally:
