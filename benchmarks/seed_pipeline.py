@@ -11,8 +11,9 @@ vectors to the seed's.
     python3 benchmarks/seed_pipeline.py --model MODEL.onnx --images DIR [--limit N]
     python3 benchmarks/seed_pipeline.py --make-images DIR [--count 40]   # 12 MP camera-like JPEGs
 
-Not yet here (issue 9): the daemon end to end (file written -> vector committed -> PUBACK),
-per-stage CPU seconds, peak RSS, and the other image sets.
+The daemon end to end (file written -> vector committed -> PUBACK), per-stage CPU seconds,
+peak RSS and the other image sets are `e2e_bench.py`, which reuses `SeedEmbedder` and the
+helpers below; the image sets are in `bench_images.py`.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from bench_images import ensure_images
 from PIL import Image
 
 from dinowatch import DinoEmbedder
 from dinowatch.config import ImagingSettings
-from dinowatch.imaging import ImagingOptions
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -47,7 +48,7 @@ class SeedEmbedder:
         self.input = self.session.get_inputs()[0].name
 
     def embed(self, path: Path) -> np.ndarray:
-        image = Image.open(path)
+        image: Image.Image = Image.open(path)
         if image.mode != "RGB":
             image = image.convert("RGB")
         image = image.resize((224, 224), Image.Resampling.BILINEAR)
@@ -61,40 +62,41 @@ class SeedEmbedder:
         return embedding / norm if norm > 0 else embedding
 
 
-def make_images(folder: Path, count: int) -> None:
-    """Camera-like 12 MP JPEGs: a smooth scene plus sensor-like noise (what makes real
-    photos cost their decode time), about 2 MB each."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for index in range(count):
-        small = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
-        scene = np.asarray(Image.fromarray(small).resize((4000, 3000), Image.Resampling.BICUBIC),
-                           dtype=np.int16)
-        noisy = np.clip(scene + rng.normal(0, 6, scene.shape), 0, 255).astype(np.uint8)
-        Image.fromarray(noisy).save(folder / f"camera-{index:03d}.jpg", quality=90)
+def embed_timed(seed: SeedEmbedder, images: list[Path]) -> tuple[np.ndarray, list[float]]:
+    """The seed's vectors for `images`, one after another, and each one's wall time in s."""
+    vectors, seconds = [], []
+    for path in images:
+        started = time.perf_counter()
+        vectors.append(seed.embed(path))
+        seconds.append(time.perf_counter() - started)
+    return np.stack(vectors), seconds
+
+
+def cosine_summary(ours: np.ndarray, seeds: np.ndarray) -> dict[str, float]:
+    """Mean and min cosine of each row of `ours` to the same row of `seeds` (both unit)."""
+    cosines = np.sum(ours * seeds, axis=1)
+    return {"cosine_mean": round(float(statistics.fmean(cosines)), 6),
+            "cosine_min": round(float(cosines.min()), 6)}
 
 
 def run(model: Path, images: list[Path]) -> dict[str, object]:
     seed = SeedEmbedder(model)
     seed.embed(images[0])  # both pay their first-run graph preparation outside the timing
-    started = time.perf_counter()
-    seed_vectors = np.stack([seed.embed(path) for path in images])
-    seed_seconds = time.perf_counter() - started
+    seed_vectors, per_image = embed_timed(seed, images)
+    seed_seconds = sum(per_image)
 
     # The daemon's imaging defaults (JPEG draft decoding on); the library's are the seed's.
-    ours = DinoEmbedder(model, imaging=ImagingOptions(**ImagingSettings().model_dump()))
+    ours = DinoEmbedder(model, imaging=ImagingSettings().options())
     ours.warm_up()
     started = time.perf_counter()
     our_vectors = np.concatenate([ours.embed_batch(images[i:i + BATCH])
                                   for i in range(0, len(images), BATCH)])
     our_seconds = time.perf_counter() - started
-    cosines = np.sum(seed_vectors * our_vectors, axis=1)
     return {"benchmark": "seed_pipeline", "images": len(images), "model": model.name,
             "seed_images_per_s": round(len(images) / seed_seconds, 2),
             "dinowatch_images_per_s": round(len(images) / our_seconds, 2),
             "ratio": round(seed_seconds / our_seconds, 2),
-            "cosine_mean": round(float(statistics.fmean(cosines)), 6),
-            "cosine_min": round(float(cosines.min()), 6)}
+            **cosine_summary(our_vectors, seed_vectors)}
 
 
 def main() -> None:
@@ -104,11 +106,12 @@ def main() -> None:
     parser.add_argument("--images", type=Path, help="folder of images to embed")
     parser.add_argument("--limit", type=int, default=40, help="at most this many images")
     parser.add_argument("--make-images", type=Path, metavar="DIR",
-                        help="write camera-like 12 MP JPEGs into DIR and stop")
+                        help="write camera-like 12 MP JPEGs into DIR (the e2e_bench 'jpeg12' "
+                             "set; files already there are kept) and stop")
     parser.add_argument("--count", type=int, default=40, help="with --make-images")
     args = parser.parse_args()
     if args.make_images:
-        make_images(args.make_images, args.count)
+        ensure_images("jpeg12", args.make_images, args.count)
         return
     if not args.model or not args.images:
         parser.error("--model and --images are needed (or --make-images DIR)")

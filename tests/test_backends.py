@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from dinowatch.backends import BACKENDS, Backend, InputSpec, OnnxBackendConfig, create_backend
+from dinowatch.testing import write_model
 
 
 def test_registry_builds_the_onnx_backend_by_type(tiny_model: Path) -> None:
@@ -43,3 +45,24 @@ def test_inference_failure_is_a_runtime_error(tiny_model: Path) -> None:
     backend = create_backend(tiny_model)
     with pytest.raises(RuntimeError, match="ONNX Runtime inference failed"):
         backend.infer(np.zeros((1, 3, 100, 100), np.float32))
+
+
+def test_a_model_replaced_in_place_is_not_run_from_its_old_mapped_copy(tmp_path: Path) -> None:
+    # The copy in .ort-cache is keyed by the file's identity: another model written over it
+    # with the same size and mtime (cp -p, rsync -t) must not run the old weights.
+    path = write_model(tmp_path / "model.onnx", "tiny", seed=1)
+    other = write_model(tmp_path / "other.onnx", "tiny", seed=2)
+    batch = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    with create_backend(path) as backend:
+        first = backend.infer(batch)
+    assert list((tmp_path / ".ort-cache").glob("model-*.onnx"))  # the copy was made
+    stamp = path.stat()
+    shutil.copyfile(other, path)
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert path.stat().st_size == stamp.st_size and path.stat().st_mtime_ns == stamp.st_mtime_ns
+    with create_backend(path) as backend, create_backend(other) as expected:
+        replaced = backend.infer(batch)
+        np.testing.assert_allclose(replaced, expected.infer(batch), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(first, replaced)
+    # ... and the old model's copy is gone
+    assert len(list((tmp_path / ".ort-cache").glob("model-*.onnx"))) == 1

@@ -170,7 +170,7 @@ def test_unknown_key_without_close_match_lists_valid_keys(tmp_path: Path) -> Non
     cfg = write(tmp_path, "watch: [{path: /a}]\nimaging: {zzz: 1}\n")
     (error,) = errors_of(cfg)
     assert error.startswith(f"{cfg}:2: imaging.zzz: unknown key; valid keys: ")
-    assert "exif_transpose, fast_jpeg, max_pixels" in error
+    assert "exif_transpose, fast_jpeg, heif_thumbnail, max_pixels" in error
 
 
 def test_wrong_type(tmp_path: Path) -> None:

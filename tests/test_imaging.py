@@ -95,6 +95,58 @@ def test_fast_jpeg_drafts_to_at_least_twice_the_input(tmp_path: Path, report: Ca
     assert error < 3
 
 
+def _small(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.resize((224, 224), Image.Resampling.BILINEAR), np.float32)
+
+
+def test_a_camera_jpeg_with_an_mpf_preview_is_drafted(tmp_path: Path, report: Callable) -> None:
+    # Phone and camera JPEGs carry a preview in an MPF segment; Pillow opens them as "MPO".
+    path = tmp_path / "camera.jpg"
+    picture = synthetic_photo(4056, 3040, seed=5)
+    picture.save(path, format="MPO", save_all=True, quality=90,
+                 append_images=[picture.resize((1920, 1440))])
+    with Image.open(path) as opened:
+        assert opened.format == "MPO"
+    exact = decode(path)
+    fast = decode(path, ImagingOptions(fast_jpeg=True))
+    assert exact.image.size == (4056, 3040)
+    assert min(fast.image.size) >= 448 and fast.image.size[0] < 1100  # scale 1/4 or 1/8
+    assert (fast.width, fast.height) == (4056, 3040)
+    error = np.abs(_small(exact.image) - _small(fast.image)).mean()
+    report(f"MPO draft: 4056x3040 drafted to {fast.image.size}; mean abs pixel difference at "
+           f"224 px {error:.2f}/255")
+    assert error < 3
+
+
+@pytest.fixture(scope="module")
+def heic_with_thumbnails(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1600x1200 HEIC carrying a 600x450 and a 256x192 thumbnail."""
+    path = tmp_path_factory.mktemp("heic") / "phone.heic"
+    synthetic_photo(1600, 1200, seed=6).save(path, quality=90, thumbnails=[600, 256])
+    return path
+
+
+def test_a_heic_with_a_large_enough_thumbnail_decodes_the_thumbnail(
+        heic_with_thumbnails: Path, report: Callable) -> None:
+    exact = decode(heic_with_thumbnails)
+    fast = decode(heic_with_thumbnails, ImagingOptions(heif_thumbnail=True))
+    assert exact.image.size == (1600, 1200)
+    assert fast.image.size == (600, 450)  # the smallest thumbnail >= 2 x 224 on both sides
+    assert (fast.width, fast.height) == (1600, 1200)  # the record keeps the true size
+    error = np.abs(_small(exact.image) - _small(fast.image)).mean()
+    report(f"HEIF thumbnail: 1600x1200 decoded from its 600x450 thumbnail; mean abs pixel "
+           f"difference at 224 px {error:.2f}/255")
+    assert error < 3
+
+
+def test_a_heic_thumbnail_smaller_than_twice_the_input_is_not_used(
+        heic_with_thumbnails: Path) -> None:
+    # draft_size 400: 2 x 400 = 800 px is more than either thumbnail has
+    fast = decode(heic_with_thumbnails, ImagingOptions(heif_thumbnail=True), draft_size=400)
+    assert fast.image.size == (1600, 1200)
+    assert decode(heic_with_thumbnails, ImagingOptions(fast_jpeg=True)).image.size == (1600, 1200)
+
+
 def test_pixel_limit_is_a_dinowatch_error_naming_the_file(tmp_path: Path) -> None:
     huge = write_png_header(tmp_path / "huge.png", 20000, 20000)
     with pytest.raises(ImageTooLarge, match=r"huge\.png"):

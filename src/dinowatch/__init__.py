@@ -1,6 +1,6 @@
 """dinowatch: an edge image-embedding daemon (DINOv2 ViT-S/14 -> SQLite -> MQTT)."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 from dinowatch.embedder import DinoEmbedder
 

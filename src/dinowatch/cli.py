@@ -8,10 +8,12 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -20,6 +22,7 @@ from dinowatch import __version__, models
 from dinowatch.config import (
     CONFIG_ENV,
     ConfigError,
+    ImagingSettings,
     Settings,
     WatchSettings,
     config_path,
@@ -28,6 +31,7 @@ from dinowatch.config import (
 )
 from dinowatch.embedder import EMBED_ERRORS, DinoEmbedder
 from dinowatch.errors import readable
+from dinowatch.imaging import ImagingOptions
 from dinowatch.match import Matcher, gallery_watch
 from dinowatch.mqtt import search_fields
 from dinowatch.store import Store
@@ -229,6 +233,10 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
               + (", pinned)" if model.get("pinned") else ", not the registry's pinned file)")
               + (" STAND-IN: random weights, its vectors mean nothing" if model.get("stand_in")
                  else ""))
+        fidelity = model.get("fidelity")
+        if isinstance(fidelity, dict):
+            print(f"model fidelity: cosine to its fp32 base on {fidelity.get('images')} images: "
+                  f"mean {fidelity.get('mean')}, min {fidelity.get('min')}")
     print(f"device: {settings.device_id} ({topics})")
     print(f"images: {images['done']} embedded, {images['failed']} failed, "
           f"{images['deleted']} deleted")
@@ -251,13 +259,20 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
-def _with_settings(command: Callable[[argparse.Namespace, Settings], int]
+def _with_settings(command: Callable[[argparse.Namespace, Any], int], *, optional: bool = False
                    ) -> Callable[[argparse.Namespace], int]:
-    """Load the config first; a config error is exit 78 with every error listed."""
+    """Load the config first; a config error is exit 78 with every error listed.
+
+    `optional`: the command also works without one (it then gets None), so a config is
+    read only when -c or $DINOWATCH_CONFIG names it.
+    """
 
     def run(args: argparse.Namespace) -> int:
+        if optional and args.config is None and not os.environ.get(CONFIG_ENV):
+            return command(args, None)
         try:
-            settings = _settings(args)
+            # these commands never connect: the MQTT password file need not be readable
+            settings = load_settings(config_path(args.config)) if optional else _settings(args)
         except ConfigError as err:
             for line in err.errors:
                 print(f"dinowatch: {line}", file=sys.stderr)
@@ -274,28 +289,25 @@ def _configure_logging(level: str) -> None:
                         force=True)
 
 
-def cmd_embed(args: argparse.Namespace) -> int:
+def _config_embedder(settings: Settings, model: Path | None, name: str | None) -> DinoEmbedder:
+    """The daemon's model: model.path/name (`model` and `name` override them), data_dir's
+    model cache, backend and imaging options."""
     from dinowatch.daemon import open_embedder
-    from dinowatch.embedder import DinoEmbedder
 
+    chosen = settings.model.model_copy(update={"path": model or settings.model.path,
+                                               "name": name or settings.model.name})
+    return open_embedder(settings.model_copy(update={"model": chosen}))
+
+
+def cmd_embed(args: argparse.Namespace, settings: Settings | None) -> int:
     normalize = not args.raw
     try:
-        if args.config is not None or os.environ.get(CONFIG_ENV):
-            # The daemon's model: model.path/name (--model and --model-name override them),
-            # data_dir's model cache, backend and imaging options.
-            settings = load_settings(config_path(args.config))
-            model = settings.model.model_copy(update={
-                "path": args.model or settings.model.path,
-                "name": args.model_name or settings.model.name})
-            normalize = normalize and model.normalize
-            embedder = open_embedder(settings.model_copy(update={"model": model}))
+        if settings is not None:
+            normalize = normalize and settings.model.normalize
+            embedder = _config_embedder(settings, args.model, args.model_name)
         else:  # the library's defaults, as the seed had them
             embedder = DinoEmbedder(args.model,
                                     model_name=args.model_name or models.DEFAULT_MODEL)
-    except ConfigError as err:
-        for line in err.errors:
-            print(f"dinowatch: {line}", file=sys.stderr)
-        return EXIT_CONFIG
     except EMBED_ERRORS as err:
         return _fail(err)
     vectors, failed = [], 0
@@ -316,10 +328,12 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return EXIT_FAILURE if failed else EXIT_OK
 
 
-def cmd_model(args: argparse.Namespace) -> int:
-    cache_dir = args.dir or models.model_dir()
+def cmd_model(args: argparse.Namespace, settings: Settings | None) -> int:
+    cache_dir = args.dir or models.model_dir(settings.data_dir if settings else None)
     try:
         entry = models.get_entry(args.name or models.DEFAULT_MODEL)
+        if args.action == "quantize":
+            return _quantize(args, settings, entry, cache_dir)
         if args.action == "fetch":
             print(models.fetch(entry, cache_dir, progress=sys.stderr.isatty()))
             return EXIT_OK
@@ -338,6 +352,98 @@ def cmd_model(args: argparse.Namespace) -> int:
     if details["verified"] is None:
         return _fail(f"{entry.name} is not pinned to a sha256; nothing to verify against")
     return _fail(f"{details['path']} failed verification")
+
+
+def _quantize(args: argparse.Namespace, settings: Settings | None, entry: models.ModelEntry,
+              cache_dir: Path) -> int:
+    """`model quantize [NAME]`: NAME is a base model (its INT8 entry is made) or the INT8
+    entry itself. The fp32 source: --model, else model.path, else the registry's file."""
+    from dinowatch.quantize import quantize, sample
+    from dinowatch.watch import scan
+
+    made = entry if entry.base else next(
+        (e for e in models.REGISTRY.values() if e.base == entry.name), None)
+    if made is None or made.base is None:
+        return _fail(f"no INT8 entry is made from {entry.name!r}; quantizable: "
+                     + ", ".join(sorted(e.base for e in models.REGISTRY.values() if e.base)))
+    folders = [WatchSettings(path=folder) for folder in args.images] if args.images else \
+        list(settings.watch) if settings else []
+    if not folders:  # said before looking for the model: finding it may mean a download
+        return _fail("model quantize measures the new model on your own images: give "
+                     "--images DIR, or -c CONFIG to use the watched folders")
+    source = args.model or (settings.model.path if settings else None) or \
+        models.resolve(made.base, cache_dir=cache_dir)
+    try:
+        images = sample((path for watch in folders for path in scan(watch)), args.sample)
+    except OSError as err:
+        return _fail(f"cannot list the images: {err}")
+    print(f"quantizing {source} to {made.name}; fidelity on up to {len(images)} images …",
+          file=sys.stderr)
+    card = quantize(Path(source), made, cache_dir, images, _daemon_imaging(settings),
+                    settings.backend if settings else None)
+    target = cache_dir / made.filename
+    print(f"{made.name}: {target} ({card.size / 1e6:.1f} MB, from "
+          f"{Path(source).stat().st_size / 1e6:.1f} MB)")
+    print(f"fidelity to {card.base} on {card.fidelity.images} images: mean cosine "
+          f"{card.fidelity.mean:.5f}, min {card.fidelity.min:.5f}")
+    print(f"to use it: model: {{name: {made.name}}} in the config (without model.path)"
+          + ("" if args.dir is None and settings else
+             f", with ${models.MODEL_DIR_ENV}={cache_dir} or data_dir/models holding it"))
+    return EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace, settings: Settings | None) -> int:
+    """`bench`: images/s, latency and the CPU floor for the configured backend and model."""
+    from dinowatch import bench
+    from dinowatch.pipeline import DECODE_WORKERS
+    from dinowatch.testing import synthetic_photo
+    from dinowatch.watch import scan
+
+    try:
+        embedder = _config_embedder(settings, args.model, None) if settings else \
+            DinoEmbedder(args.model, imaging=_daemon_imaging(None))
+    except EMBED_ERRORS as err:
+        return _fail(err)
+    with embedder, tempfile.TemporaryDirectory(prefix="dinowatch-bench-") as scratch:
+        if args.images:
+            try:
+                images = sorted(scan(WatchSettings(path=args.images)))[:args.count]
+            except OSError as err:
+                return _fail(f"cannot list {args.images}: {err.strerror or err}")
+        else:  # camera-like 12 MP JPEGs with sensor noise
+            print(f"making {args.count} 12 MP JPEGs to measure with …", file=sys.stderr)
+            images = [Path(scratch) / f"bench-{i:03d}.jpg" for i in range(args.count)]
+            for i, path in enumerate(images):
+                synthetic_photo(4032, 3024, seed=i).save(path, quality=90)
+        threads = (settings.backend.threads if settings else None) or os.cpu_count() or 1
+        try:
+            result = bench.run(embedder, images, threads=threads,
+                               decode_workers=DECODE_WORKERS,
+                               backend=settings.backend.type if settings else "onnx")
+        except (ValueError, *EMBED_ERRORS) as err:
+            return _fail(err)
+    if args.json:
+        print(json.dumps(result.as_dict()))
+        return EXIT_OK
+    stages = ", ".join(f"{stage} {ms:.0f}" for stage, ms in result.cpu_ms_per_image.items())
+    gmacs = ", ".join(f"{macs:.2f} G {kind}" for kind, macs in result.floor.gmacs.items())
+    probe = ", ".join(f"{kind} {rate:.1f} GMAC/s"
+                      for kind, rate in result.floor.gmacs_per_core_second.items())
+    print(f"model: {result.model} on {result.backend}, {result.threads} threads, "
+          f"{result.decode_workers} decode workers, {result.cores} cores")
+    print(f"throughput: {result.images_per_s:.2f} images/s over {result.images} images")
+    print(f"latency, one image on an idle pipeline (decode + inference): p50 "
+          f"{result.latency_ms_p50:.0f} ms, p95 {result.latency_ms_p95:.0f} ms")
+    print(f"CPU per image, ms: {stages}")
+    print(f"floor: {gmacs} multiply-accumulates per image; probe, one core: {probe}; "
+          f"{result.floor_images_per_s:.2f} images/s on {result.cores} cores")
+    print(f"ratio to the floor: {result.ratio_to_floor:.2f}")
+    return EXIT_OK
+
+
+def _daemon_imaging(settings: Settings | None) -> ImagingOptions:
+    """The config's imaging options, else the daemon's defaults (the library's are the seed's)."""
+    return (settings.imaging if settings else ImagingSettings()).options()
 
 
 def cmd_outbox(args: argparse.Namespace, settings: Settings) -> int:
@@ -453,10 +559,9 @@ def cmd_gallery(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _gallery_add(gallery: Path, label: str, images: list[Path], settings: Settings) -> int:
-    from dinowatch.imaging import ImagingOptions
     from dinowatch.match import GalleryError, add_reference
 
-    options = ImagingOptions(**settings.imaging.model_dump())
+    options = settings.imaging.options()
     failed = 0
     for image in images:
         try:
@@ -645,16 +750,38 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--raw", action="store_true", help="do not L2-normalize")
     embed.add_argument("--format", choices=["json", "npy"], default="json",
                        help="json: {path, vector} per line; npy: one (N, D) array on stdout")
-    embed.set_defaults(handler=cmd_embed)
+    embed.set_defaults(handler=_with_settings(cmd_embed, optional=True))
 
-    model = commands.add_parser("model", help="fetch, describe or verify a model file",
+    model = commands.add_parser("model", help="fetch, describe, verify or quantize a model",
                                 description="Model provisioning (see README, Models).")
-    model.add_argument("action", choices=["fetch", "info", "verify"])
+    model.add_argument("action", choices=["fetch", "info", "verify", "quantize"])
     model.add_argument("name", nargs="?", metavar="NAME",
                        help=f"registry entry (default {models.DEFAULT_MODEL})")
     model.add_argument("--dir", type=Path, help="model cache (default $DINOWATCH_MODEL_DIR, "
-                                                "else $XDG_CACHE_HOME/dinowatch/models)")
-    model.set_defaults(handler=cmd_model)
+                       "else data_dir/models with -c, else $XDG_CACHE_HOME/dinowatch/models)")
+    model.add_argument("-c", "--config", type=Path,
+                       help="use this config's data_dir, model.path, watched folders, backend "
+                            f"and imaging options (default ${CONFIG_ENV} if set)")
+    model.add_argument("--model", type=Path, help="quantize: the fp32 ONNX file to start from "
+                       "(default model.path, else the verified registry model)")
+    model.add_argument("--images", type=Path, action="append", metavar="DIR",
+                       help="quantize: measure the fidelity on images in DIR (repeatable; "
+                            "default: the watched folders)")
+    model.add_argument("--sample", type=_count, default=32,
+                       help="quantize: how many images (default 32)")
+    model.set_defaults(handler=_with_settings(cmd_model, optional=True))
+
+    bench = commands.add_parser("bench", help="images/s, latency and CPU floor on this device",
+                                description="Measure the configured backend and model here.")
+    bench.add_argument("-c", "--config", type=Path,
+                       help=f"use this config's model, backend and imaging (default ${CONFIG_ENV}"
+                            " if set)")
+    bench.add_argument("--model", type=Path, help="ONNX file (default: the config's model)")
+    bench.add_argument("--images", type=Path, metavar="DIR",
+                       help="measure with images in DIR (default: generated 12 MP JPEGs)")
+    bench.add_argument("--count", type=_count, default=24, help="how many images (default 24)")
+    bench.add_argument("--json", action="store_true", help="machine-readable output")
+    bench.set_defaults(handler=_with_settings(cmd_bench, optional=True))
     _add_outbox_parser(commands, config_help)
 
     search = commands.add_parser("search", help="nearest stored images and gallery labels",

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dinowatch.backends import BackendConfig, OnnxBackendConfig
 from dinowatch.errors import DinowatchError, readable
-from dinowatch.imaging import DEFAULT_MAX_PIXELS
+from dinowatch.imaging import DEFAULT_MAX_PIXELS, ImagingOptions
 
 DEFAULT_CONFIG_PATH = Path("/etc/dinowatch/config.yaml")
 CONFIG_ENV = "DINOWATCH_CONFIG"
@@ -54,7 +54,14 @@ class ModelSettings(Section):
 
 class ImagingSettings(Section):
     exif_transpose: bool = Field(default=True, description="Apply EXIF orientation.")
-    fast_jpeg: bool = Field(default=True, description="JPEG draft decoding to >= 2x input size.")
+    fast_jpeg: bool = Field(default=True,
+                            description="JPEG/MPO draft decoding to >= 2x input size.")
+    heif_thumbnail: bool = Field(default=True, description="Decode a HEIF's embedded "
+                                 "thumbnail when it is >= 2x input size.")
+
+    def options(self) -> ImagingOptions:
+        """These settings as the decode stage takes them."""
+        return ImagingOptions(**self.model_dump())
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, gt=0,
                             description="Larger images are refused.")
 

@@ -29,7 +29,7 @@ from dinowatch.config import (
 from dinowatch.embedder import EMBED_ERRORS, DinoEmbedder
 from dinowatch.errors import readable
 from dinowatch.homeassistant import Discovery
-from dinowatch.imaging import ImagingOptions, thumbnail
+from dinowatch.imaging import thumbnail
 from dinowatch.match import GALLERY, Matcher, gallery_watch
 from dinowatch.mqtt import (
     Publisher,
@@ -100,7 +100,7 @@ def open_store(settings: Settings) -> Store:
 def open_embedder(settings: Settings) -> DinoEmbedder:
     return DinoEmbedder(settings.model.path, model_name=settings.model.name,
                         backend=settings.backend,
-                        imaging=ImagingOptions(**settings.imaging.model_dump()),
+                        imaging=settings.imaging.options(),
                         cache_dir=models.model_dir(settings.data_dir))
 
 
@@ -184,6 +184,7 @@ class Daemon:
         self._reload = threading.Event()
         self._watchers: dict[Path, FolderWatcher] = {}
         self._started = time.monotonic()
+        self.ready_seconds: float | None = None
         self._starting = True  # until READY=1: SIGTERM interrupts the start itself
         self._opened: list[Store | DinoEmbedder] = []  # closed if a stop interrupts the start
         self.commands: Commands | None = None
@@ -261,9 +262,11 @@ class Daemon:
         self.store = open_store(settings)
         self._opened.append(self.store)
         notify("STATUS=loading model", f"EXTEND_TIMEOUT_USEC={LOAD_SECONDS * 1_000_000}")
+        loading = time.monotonic()
         self.embedder = open_embedder(settings)
         self._opened.append(self.embedder)
         self.embedder.warm_up()  # a slow first inference must not count against the watchdog
+        model_seconds = time.monotonic() - loading
         identity = self.embedder.identity
         if identity.stand_in:
             log.warning("model %s is a STAND-IN with random weights (built by dinowatch.testing)"
@@ -284,9 +287,11 @@ class Daemon:
         self._apply_watch_list(settings.watch)
         self._starting = False
         notify("READY=1", "STATUS=watching")
-        log.info("dinowatch running: %d folders, model %s (%s, sha256 %s…), device %s",
-                 len(settings.watch), identity.name, self.embedder.model_path,
-                 identity.sha256[:12], settings.device_id)
+        self.ready_seconds = round(time.monotonic() - self._started, 2)
+        log.info("dinowatch running: %d folders, model %s (%s, sha256 %s…), device %s; "
+                 "ready in %.2f s, of which %.2f s loading the model", len(settings.watch),
+                 identity.name, self.embedder.model_path, identity.sha256[:12],
+                 settings.device_id, self.ready_seconds, model_seconds)
 
     def publisher_wake(self) -> None:
         if self.publisher:
@@ -438,7 +443,8 @@ class Daemon:
         activities = [(self.store.activity, WRITE_TIMEOUT_SECONDS)]
         if self.pipeline.paused is None:  # a worker waiting for the store is not stuck
             activities += [(self.pipeline.decode_activity, STUCK_SECONDS),
-                           (self.pipeline.inference_activity, STUCK_SECONDS)]
+                           (self.pipeline.inference_activity, STUCK_SECONDS),
+                           (self.pipeline.record_activity, STUCK_SECONDS)]
         for activity, limit in activities:
             if activity.stuck_for() > limit:
                 return activity.name, (f"{activity.name} has been on one item for "
@@ -538,6 +544,8 @@ class Daemon:
             "backend": self.settings.backend.type,
             "last_seen": self.pipeline.last_recorded,
             "inferred": self.pipeline.inferred,
+            "cpu_seconds": self.pipeline.cpu.seconds(),
+            "ready_seconds": self.ready_seconds,  # Daemon() (imports done) -> READY=1
             "matches": self.pipeline.matched,
             "labels": len(self.matcher.labels()),
             "uptime": round(time.monotonic() - self._started),

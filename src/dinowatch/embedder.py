@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import BinaryIO, Self
@@ -30,12 +30,15 @@ class ModelIdentity:
 
     name: str  # the registry entry if the file is its pinned file, else the file's own name
     sha256: str
-    pinned: bool  # the file's sha256 is the registry entry's pinned hash
+    pinned: bool  # the registry entry's pinned file, or made here from it (model card)
     stand_in: bool  # random weights from dinowatch.testing: its vectors mean nothing
+    fidelity: models.Fidelity | None = None  # a made model's cosine to its base model
 
     def payload(self) -> dict[str, object]:
         body: dict[str, object] = {"name": self.name, "sha256": self.sha256,
                                    "pinned": self.pinned}
+        if self.fidelity is not None:
+            body["fidelity"] = asdict(self.fidelity)
         return body | ({"stand_in": True} if self.stand_in else {})
 
 
@@ -86,7 +89,11 @@ class DinoEmbedder:
         self.dim = entry.dim
         self.model_path = models.resolve(model_name, Path(model_path) if model_path else None,
                                          cache_dir=cache_dir)
-        self._pinned_sha256 = entry.sha256 if model_path is None else None
+        card = models.ModelCard.read(self.model_path)
+        # resolve() has checked a registry file against its pin: no need to hash it again
+        self._pinned_sha256 = None if model_path is not None else \
+            (card.sha256 if entry.base and card else entry.sha256)
+        self._card = card
         self.imaging = imaging
         self.backend: Backend = create_backend(self.model_path, backend)
 
@@ -99,11 +106,15 @@ class DinoEmbedder:
     def identity(self) -> ModelIdentity:
         """The model as payloads, `status` and the log name it: the registry's name only for
         the registry's own file; a stand-in says so in its name."""
-        pinned = models.get_entry(self.model_name).sha256 == self.model_sha256
+        entry = models.get_entry(self.model_name)
+        card = self._card if self._card and self._card.sha256 == self.model_sha256 else None
+        made_here = bool(entry.base and card and card.name == entry.name)
+        pinned = entry.sha256 == self.model_sha256 or bool(made_here and card and
+                                                            card.base_pinned)
         stand_in = self.backend.producer == models.STAND_IN_PRODUCER
-        name = self.model_name if pinned else self.model_path.name
+        name = self.model_name if pinned or made_here else self.model_path.name
         return ModelIdentity(f"stand-in:{name}" if stand_in else name, self.model_sha256,
-                             pinned, stand_in)
+                             pinned, stand_in, card.fidelity if card else None)
 
     def prepare(self, image: str | Path | BinaryIO, *, name: str | None = None) -> Prepared:
         """Decode and preprocess one image file, given as a path or an open binary file

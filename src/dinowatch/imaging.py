@@ -24,9 +24,13 @@ PILLOW_TEXT_MEMORY = PngImagePlugin.MAX_TEXT_MEMORY
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 100_000_000
-# JPEG draft decoding keeps at least this multiple of the model input, so the BILINEAR
-# downscale that follows still averages several source pixels into each output pixel.
+# Draft decoding (JPEG DCT scaling, a HEIF's embedded thumbnail) keeps at least this multiple
+# of the model input, so the BILINEAR downscale that follows still averages several source
+# pixels into each output pixel.
 DRAFT_FACTOR = 2
+# Pillow's format names for JPEG-coded files: a camera JPEG carrying an MPF preview opens as
+# MPO, and libjpeg's DCT scaling applies to it all the same.
+JPEG_FORMATS = frozenset({"JPEG", "MPO"})
 # EXIF tag 0x0112 (Orientation) -> the transpose that shows the picture upright; the same
 # table as Pillow's ImageOps.exif_transpose (EXIF 2.32, section 4.6.5). Applied here because
 # exif_transpose also rewrites the metadata we discard, and that rewrite raises on malformed
@@ -59,8 +63,14 @@ class ImageTooLarge(ImageError):
 @dataclass(frozen=True)
 class ImagingOptions:
     exif_transpose: bool = False  # seed-compatible default; the daemon turns it on
-    fast_jpeg: bool = False
+    fast_jpeg: bool = False  # JPEG/MPO: libjpeg decodes at 1/2, 1/4 or 1/8 scale
+    heif_thumbnail: bool = False  # HEIF: decode an embedded thumbnail when one is big enough
     max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def drafts(self, image_format: str | None) -> bool:
+        """True if files of this Pillow format are decoded through their draft fast path."""
+        return (self.fast_jpeg and image_format in JPEG_FORMATS) or \
+            (self.heif_thumbnail and image_format == "HEIF")
 
     @property
     def max_file_bytes(self) -> int:
@@ -99,7 +109,9 @@ def decode(source: str | Path | BinaryIO, options: ImagingOptions = ImagingOptio
             image: Image.Image = opened
             _check_pixels(label, image.size, options.max_pixels)
             width, height = image.size  # the file's own size, not a draft's
-            if options.fast_jpeg and image.format == "JPEG":
+            if options.drafts(image.format):
+                # pillow_heif's draft picks the smallest thumbnail that is a scaled copy of
+                # the image (same crop, orientation and colour profile) and at least this big.
                 image.draft("RGB", (DRAFT_FACTOR * draft_size, DRAFT_FACTOR * draft_size))
             image.load()
             _check_pixels(label, image.size, options.max_pixels)  # some formats resize

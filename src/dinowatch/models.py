@@ -1,7 +1,9 @@
 """Model registry, verified download (resume, sha256, atomic) and the local model cache.
 
 A registry file is used only after its size and sha256 match the pinned entry. A verified
-cached file is never fetched again, and no network is touched when it is present.
+cached file is never fetched again, and no network is touched when it is present. Entries
+with a `base` are made on the device (`dinowatch model quantize`): their pin is the model
+card written beside the file, which also keeps the fidelity measured when it was made.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import contextlib
 import errno
 import hashlib
 import http.client
+import json
 import logging
 import os
 import re
@@ -18,7 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,14 +79,16 @@ class ModelEntry:
     sha256: str | None
     dim: int
     filename: str
+    base: str | None = None  # made on this device from this entry by `dinowatch model quantize`
 
     @property
     def pinned(self) -> bool:
-        """True if there is a hash to check the file against."""
-        return self.sha256 is not None
+        """True if there is a hash to check the file against (a made model: its card's)."""
+        return self.sha256 is not None or self.base is not None
 
 
 DEFAULT_MODEL = "dinov2-vits14"
+INT8_MODEL = "dinov2-vits14-int8"
 # The ONNX producer name of the random-weight graphs dinowatch.testing builds: a stand-in
 # whose vectors mean nothing, which the daemon must never publish as the real model.
 STAND_IN_PRODUCER = "dinowatch.testing"
@@ -112,7 +117,66 @@ REGISTRY: dict[str, ModelEntry] = {
         dim=384,
         filename="dinov2_vits14_roundttble.onnx",
     ),
+    INT8_MODEL: ModelEntry(
+        name=INT8_MODEL,
+        url="",  # never downloaded: quantized here, from the user's own copy of the base
+        size=None,
+        sha256=None,
+        dim=384,
+        filename="dinov2_vits14_int8.onnx",
+        base=DEFAULT_MODEL,
+    ),
 }
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """Cosine similarity of a made model's vectors to its base model's, on the same images."""
+
+    mean: float
+    min: float
+    images: int
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What `dinowatch model quantize` wrote beside a model it made (`<file stem>.json`)."""
+
+    name: str
+    sha256: str
+    size: int
+    base: str  # the registry entry it was made from
+    base_sha256: str
+    base_pinned: bool  # the base file was the registry's pinned file
+    method: str  # how it was made, in ONNX Runtime's words
+    fidelity: Fidelity
+    onnxruntime: str  # the version that made it
+    created: str  # ISO 8601 UTC
+
+    @staticmethod
+    def path_for(model: Path) -> Path:
+        return Path(model).with_suffix(".json")
+
+    @classmethod
+    def read(cls, model: Path) -> ModelCard | None:
+        """The card beside `model`, or None if there is none or it cannot be read."""
+        try:
+            fields = json.loads(cls.path_for(model).read_text(encoding="utf-8"))
+            return cls(**fields | {"fidelity": Fidelity(**fields["fidelity"])})
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            # maybe not a card at all: any JSON file may sit beside a user's own model
+            log.debug("%s: not a model card, ignored: %s", cls.path_for(model), err)
+            return None
+
+    def write(self, model: Path) -> Path:
+        """Write the card beside `model`, atomically; returns its path."""
+        target = self.path_for(model)
+        part = _sibling(target, f".{os.getpid()}.part")
+        part.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
+        part.replace(target)
+        return target
 
 
 class _Transient(Exception):
@@ -160,18 +224,25 @@ def sha256_file(path: Path) -> str:
 
 
 def verify(entry: ModelEntry, path: Path) -> bool:
-    """True if `path` has the entry's size and sha256 (size first: it is free)."""
+    """True if `path` has the entry's size and sha256 (size first: it is free); a made
+    model's come from its card."""
     _require_pinned(entry)
+    card = ModelCard.read(path) if entry.base else None
+    expected_size, expected_sha = (card.size, card.sha256) if card else \
+        (entry.size, _expected_sha(entry))
     try:
         size = Path(path).stat().st_size
     except FileNotFoundError:
         return False
-    if entry.size is not None and size != entry.size:
-        log.debug("%s has %s bytes, expected %s", path, size, entry.size)
+    if entry.base and card is None:
+        log.debug("%s has no model card (%s)", path, ModelCard.path_for(path).name)
+        return False
+    if expected_size is not None and size != expected_size:
+        log.debug("%s has %s bytes, expected %s", path, size, expected_size)
         return False
     actual = sha256_file(path)
-    if actual != _expected_sha(entry):
-        log.debug("%s has sha256 %s, expected %s", path, actual, entry.sha256)
+    if actual != expected_sha:
+        log.debug("%s has sha256 %s, expected %s", path, actual, expected_sha)
         return False
     return True
 
@@ -193,6 +264,8 @@ def fetch(
     so does a failed name resolution (no DNS: offline), at once.
     """
     _require_pinned(entry)
+    if entry.base:
+        raise ModelError(_made_here(entry))
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     target = cache_dir / entry.filename
@@ -210,7 +283,7 @@ def fetch(
             # Checked before the rename, so a bad file never appears under the final name.
             _check_download(entry, part)
             part.replace(target)  # atomic on POSIX
-            _fsync_dir(cache_dir)
+            fsync_dir(cache_dir)
     except filelock.Timeout as err:
         raise ModelError(
             f"gave up after {LOCK_TIMEOUT_SECONDS:.0f} s waiting for {err.lock_file}: "
@@ -245,6 +318,9 @@ def resolve(
     # The common case: present and verified, no lock and no network needed.
     if target.exists() and verify(entry, target):
         return target
+    if entry.base:
+        state = "does not match its model card" if target.exists() else "is missing"
+        raise ModelUnavailable(f"{target} {state}. {_made_here(entry)}")
     if offline is None:
         offline = offline_from_env()
     if not offline:
@@ -268,16 +344,24 @@ def info(entry: ModelEntry, cache_dir: Path) -> dict[str, Any]:
     verified: bool | None = None
     if entry.pinned:
         verified = present and verify(entry, path)
+    card = ModelCard.read(path) if entry.base else None
     return {
         "name": entry.name,
-        "url": entry.url,
-        "size": entry.size,
-        "sha256": entry.sha256,
+        "url": entry.url or f"(made here from {entry.base} by `dinowatch model quantize`)",
+        "size": card.size if card else entry.size,
+        "sha256": card.sha256 if card else entry.sha256,
         "dim": entry.dim,
         "path": str(path),
         "present": present,
         "verified": verified,
-    }
+    } | ({"fidelity": asdict(card.fidelity), "made_from": card.base_sha256,
+          "method": card.method} if card else {})
+
+
+def _made_here(entry: ModelEntry) -> str:
+    return (f"{entry.name!r} is made on this device from {entry.base!r}, not downloaded: "
+            f"run `dinowatch model quantize {entry.base}` (with -c CONFIG, so it lands in "
+            "the daemon's model cache).")
 
 
 def _require_pinned(entry: ModelEntry) -> None:
@@ -467,7 +551,7 @@ def _check_download(entry: ModelEntry, part: Path) -> None:
         )
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     """Make the rename durable; not possible on every platform, so best effort."""
     try:
         fd = os.open(directory, os.O_RDONLY)

@@ -580,6 +580,8 @@ class Publisher:
                 self._failed(sent[0], "Refused", f"the broker refused it: {detail}")
                 return
             self._retry_at.pop(sent[0], None)
+            log.debug("PUBACK for outbox message %d, %.1f ms after it was sent", sent[0],
+                      1000 * (time.monotonic() - sent[1]))
             if sent[0] == self._suspect:  # acknowledged alone: it did not end the connection
                 self._suspect = None
             self._store.ack(sent[0])

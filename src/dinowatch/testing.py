@@ -1,8 +1,8 @@
 """DINOv2-architecture ONNX models with seeded random weights, for tests and benchmarks.
 
 No machine of this project can download weights, so these graphs stand in for the real
-ViT-S/14: the same operators, shapes and cost, built with the `onnx` package (a test
-dependency) and no torch. The same seed gives a byte-identical file.
+ViT-S/14: the same operators, shapes and cost, built with the `onnx` package and no torch.
+The same seed gives a byte-identical file.
 
     python -m dinowatch.testing --out model.onnx [--variant full|tiny] [--all-tokens]
 """

@@ -37,6 +37,7 @@ class Backend(Protocol):
 
     type_key: str
     input_spec: InputSpec
+    batch: int  # the most images the pipeline hands `infer` at once
     producer: str  # who made the model file, as the file says ("" when it does not)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
