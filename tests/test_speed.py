@@ -352,3 +352,37 @@ def test_bench_names_a_missing_image_folder(tmp_path: Path, tiny_model: Path) ->
     assert result.returncode == 1
     assert f"cannot list {tmp_path / 'nowhere'}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_backends_compare_prints_both_models_fidelity_and_speed(quantized,
+                                                                tiny_model: Path) -> None:
+    # The check a user runs after making a model (a HEF, an INT8 file): on the same pictures
+    # quantize measured, the fidelity is the card's.
+    card = card_of(quantized.model)
+    result = dinowatch("backends", "compare", "--images", quantized.images, "--model",
+                       quantized.model, "--reference-model", tiny_model, "--json")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    assert figures["images"] == 4  # notes.jpg does not decode: skipped, and said
+    assert "notes.jpg" in result.stderr
+    assert figures["cosine_mean"] == pytest.approx(card["fidelity"]["mean"], abs=1e-4)
+    assert figures["cosine_min"] == pytest.approx(card["fidelity"]["min"], abs=1e-4)
+    assert figures["reference"]["model"] == "stand-in:tiny.onnx"
+    assert figures["compared"]["model"] == f"stand-in:{INT8_FILE}"
+    for side in ("reference", "compared"):
+        assert figures[side]["backend"] == "onnx"
+        assert figures[side]["inference_ms_per_image"] > 0
+    table = dinowatch("backends", "compare", "--images", quantized.images, "--model",
+                      quantized.model, "--reference-model", tiny_model)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[1].split()[:3] == ["reference", "stand-in:tiny.onnx", "onnx"]
+    assert lines[2].split()[:3] == ["compared", f"stand-in:{INT8_FILE}", "onnx"]
+    assert (f"cosine of the compared vectors to the reference's, 4 images: mean "
+            f"{figures['cosine_mean']:.6f}") in table.stdout
+
+
+def test_backends_compare_of_an_empty_folder_says_so(tmp_path: Path, tiny_model: Path) -> None:
+    result = dinowatch("backends", "compare", "--images", tmp_path, "--model", tiny_model,
+                       "--reference-model", tiny_model)
+    assert result.returncode == 1 and f"no images in {tmp_path}" in result.stderr

@@ -1,4 +1,4 @@
-"""`dinowatch bench`: images/s and latency on this device, and how far that is from its floor.
+"""`dinowatch bench` and `backends compare`: speed on this device, and fidelity between models.
 
 Throughput is measured through the daemon's own pipeline (decode workers, batched inference,
 record worker, a real SQLite store in a temporary folder), so it is what the daemon reaches
@@ -12,18 +12,21 @@ matrix-multiply probe reaches on one core of this CPU through ONNX Runtime's own
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from dinowatch.embedder import DinoEmbedder
+from dinowatch import models
+from dinowatch.embedder import EMBED_ERRORS, DinoEmbedder, preprocess
+from dinowatch.imaging import decode
 from dinowatch.pipeline import Pipeline
 from dinowatch.store import Store
 
@@ -33,6 +36,9 @@ PROBE_SHAPE = (257 * 4, 384, 1536)  # (M, K, N): a ViT-S/14 MLP layer on a batch
 PROBE_SECONDS = 1.0  # per kind of multiply
 LATENCY_IMAGES = 10
 DATABASE = "bench.sqlite3"
+COMPARE_BATCH = 4
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -181,3 +187,55 @@ def run(embedder: DinoEmbedder, images: Sequence[Path], *, threads: int,
         latency_ms_p95=round(float(np.percentile(latencies, 95)), 1),
         cpu_ms_per_image=cpu, floor_images_per_s=round(floor_rate, 2),
         ratio_to_floor=round(rate / floor_rate, 3), floor=floor)
+
+
+def sample(images: Iterable[Path], count: int) -> list[Path]:
+    """Up to `count` of `images`, spread evenly over their sorted order (the same every run)."""
+    ordered = sorted(images)
+    if len(ordered) <= count:
+        return ordered
+    step = len(ordered) / count
+    return [ordered[int(i * step)] for i in range(count)]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Two embedders on the same images: how alike their vectors are, and their speed."""
+
+    fidelity: models.Fidelity  # cosine of `other`'s vectors to `reference`'s
+    inference_ms: tuple[float, float]  # per image, wall time: reference, other
+
+
+def compare(reference: DinoEmbedder, other: DinoEmbedder,
+            images: Sequence[Path]) -> Comparison:
+    """Embed `images` with both, each decoded once (with `reference`'s imaging options) and
+    laid out for each backend's own input, in batches of COMPARE_BATCH. Images that fail to
+    decode are skipped (a WARNING names them); ValueError if none decodes."""
+    cosines: list[np.ndarray] = []
+    spent = [0.0, 0.0]
+    for start in range(0, len(images), COMPARE_BATCH):
+        pictures = []
+        for path in images[start:start + COMPARE_BATCH]:
+            try:
+                pictures.append(decode(path, reference.imaging,
+                                       reference.backend.input_spec.size).image)
+            except EMBED_ERRORS as err:
+                log.warning("skipped: %s", err)
+        if not pictures:
+            continue
+        vectors = []
+        for index, embedder in enumerate((reference, other)):
+            tensors = [preprocess(picture, embedder.backend.input_spec) for picture in pictures]
+            started = time.perf_counter()
+            vectors.append(embedder.infer(tensors))
+            spent[index] += time.perf_counter() - started
+        # both L2-normalized: the row-wise dot product is the cosine
+        cosines.append(np.sum(vectors[0] * vectors[1], axis=1))
+    if not cosines:
+        raise ValueError(f"no image to compare on: none of the {len(images)} given decodes")
+    values = np.concatenate(cosines).astype(np.float64)
+    count = len(values)
+    return Comparison(
+        models.Fidelity(mean=round(float(values.mean()), 6), min=round(float(values.min()), 6),
+                        images=count),
+        (round(1000 * spent[0] / count, 1), round(1000 * spent[1] / count, 1)))

@@ -358,7 +358,8 @@ def _quantize(args: argparse.Namespace, settings: Settings | None, entry: models
               cache_dir: Path) -> int:
     """`model quantize [NAME]`: NAME is a base model (its INT8 entry is made) or the INT8
     entry itself. The fp32 source: --model, else model.path, else the registry's file."""
-    from dinowatch.quantize import quantize, sample
+    from dinowatch.bench import sample
+    from dinowatch.quantize import quantize
     from dinowatch.watch import scan
 
     made = entry if entry.base else next(
@@ -438,6 +439,53 @@ def cmd_bench(args: argparse.Namespace, settings: Settings | None) -> int:
     print(f"floor: {gmacs} multiply-accumulates per image; probe, one core: {probe}; "
           f"{result.floor_images_per_s:.2f} images/s on {result.cores} cores")
     print(f"ratio to the floor: {result.ratio_to_floor:.2f}")
+    return EXIT_OK
+
+
+def cmd_backends(args: argparse.Namespace, settings: Settings | None) -> int:
+    """`backends compare`: the configured backend and model against a reference (ONNX
+    Runtime on the fp32 model), on the user's images: fidelity and speed side by side."""
+    from dinowatch import bench
+    from dinowatch.watch import scan
+
+    try:
+        images = sorted(scan(WatchSettings(path=args.images)))
+    except OSError as err:
+        return _fail(f"cannot list {args.images}: {err.strerror or err}")
+    images = bench.sample(images, args.count)
+    if not images:
+        return _fail(f"no images in {args.images}")
+    imaging = _daemon_imaging(settings)
+    cache_dir = models.model_dir(settings.data_dir if settings else None)
+    try:
+        compared = _config_embedder(settings, args.model, None) if settings else \
+            DinoEmbedder(args.model, imaging=imaging)
+        with compared:
+            reference_path = args.reference_model or \
+                (settings.model.path if settings else None) or \
+                models.resolve(models.DEFAULT_MODEL, cache_dir=cache_dir)
+            with DinoEmbedder(reference_path, imaging=imaging) as reference:
+                result = bench.compare(reference, compared, images)
+                rows = [(label, embedder.identity.name, embedder.backend.type_key, ms)
+                        for label, embedder, ms in (("reference", reference,
+                                                     result.inference_ms[0]),
+                                                    ("compared", compared,
+                                                     result.inference_ms[1]))]
+    except (ValueError, *EMBED_ERRORS) as err:
+        return _fail(err)
+    fidelity = result.fidelity
+    if args.json:
+        print(json.dumps({"images": fidelity.images, "cosine_mean": fidelity.mean,
+                          "cosine_min": fidelity.min, **{
+                              label: {"model": name, "backend": backend,
+                                      "inference_ms_per_image": ms}
+                              for label, name, backend, ms in rows}}))
+        return EXIT_OK
+    print(f"{'':10} {'model':40} {'backend':8} inference ms/image")
+    for label, name, backend, ms in rows:
+        print(f"{label:10} {name:40} {backend:8} {ms:.1f}")
+    print(f"cosine of the compared vectors to the reference's, {fidelity.images} images: "
+          f"mean {fidelity.mean:.6f}, min {fidelity.min:.6f}")
     return EXIT_OK
 
 
@@ -782,6 +830,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--count", type=_count, default=24, help="how many images (default 24)")
     bench.add_argument("--json", action="store_true", help="machine-readable output")
     bench.set_defaults(handler=_with_settings(cmd_bench, optional=True))
+
+    backends = commands.add_parser(
+        "backends", help="compare two backends or models: fidelity and speed",
+        description="Embed your images with the configured backend and model and with a "
+                    "reference (ONNX Runtime on the fp32 model); print the cosine of their "
+                    "vectors and each one's inference time.")
+    backends.add_argument("action", choices=["compare"])
+    backends.add_argument("--images", type=Path, metavar="DIR", required=True,
+                          help="your own pictures (recursively)")
+    backends.add_argument("-c", "--config", type=Path,
+                          help=f"the backend and model to check (default ${CONFIG_ENV} if set)")
+    backends.add_argument("--model", type=Path,
+                          help="ONNX file to check (default: the config's model)")
+    backends.add_argument("--reference-model", type=Path,
+                          help="the fp32 reference (default model.path, else the registry's "
+                               f"{models.DEFAULT_MODEL})")
+    backends.add_argument("--count", type=_count, default=32,
+                          help="how many of the images, spread over the folder (default 32)")
+    backends.add_argument("--json", action="store_true", help="machine-readable output")
+    backends.set_defaults(handler=_with_settings(cmd_backends, optional=True))
     _add_outbox_parser(commands, config_help)
 
     search = commands.add_parser("search", help="nearest stored images and gallery labels",

@@ -8,22 +8,21 @@ guide advises. Sources: onnxruntime.ai/docs/performance/model-optimizations/quan
 and onnxruntime/python/tools/quantization (quantize_dynamic, shape_inference).
 
 Fidelity is measured, not assumed: the same images go through the base model and the new
-one, decoded once with the daemon's imaging options, and the cosine of each pair of vectors
-is kept (mean and min) in the model card beside the new file.
+one (bench.compare: decoded once with the daemon's imaging options), and the cosine of each
+pair of vectors is kept (mean and min) in the model card beside the new file.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-
-import numpy as np
 
 from dinowatch import models
 from dinowatch.backends import BackendConfig
-from dinowatch.embedder import EMBED_ERRORS, DinoEmbedder
+from dinowatch.bench import compare
+from dinowatch.embedder import DinoEmbedder
 from dinowatch.imaging import ImagingOptions
 from dinowatch.models import ModelCard
 from dinowatch.store import utc_now
@@ -34,21 +33,10 @@ METHOD = "quantize_dynamic: INT8 weights (QInt8, per channel), activations UINT8
          "graph prepared by quant_pre_process"
 QUANTIZED_OPS = {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearMatMul",
                  "QLinearConv", "DequantizeLinear"}
-SAMPLE_IMAGES = 32  # images the fidelity is measured on
-BATCH = 4
 
 
 class QuantizeError(models.ModelError):
     """The model could not be quantized, or its fidelity could not be measured."""
-
-
-def sample(images: Iterable[Path], count: int = SAMPLE_IMAGES) -> list[Path]:
-    """Up to `count` of `images`, spread evenly over their sorted order (the same every run)."""
-    ordered = sorted(images)
-    if len(ordered) <= count:
-        return ordered
-    step = len(ordered) / count
-    return [ordered[int(i * step)] for i in range(count)]
 
 
 def quantize(source: Path, entry: models.ModelEntry, cache_dir: Path, images: Sequence[Path],
@@ -71,7 +59,10 @@ def quantize(source: Path, entry: models.ModelEntry, cache_dir: Path, images: Se
         _quantize_file(source, made, base.backend.producer)
         with DinoEmbedder(made, model_name=entry.name, imaging=imaging,
                           backend=backend) as int8:
-            fidelity = measure_fidelity(base, int8, images)
+            try:
+                fidelity = compare(base, int8, images).fidelity
+            except ValueError as err:
+                raise QuantizeError(str(err)) from err
         base_id = base.identity
         card = ModelCard(
             name=entry.name, sha256=models.sha256_file(made), size=made.stat().st_size,
@@ -127,26 +118,3 @@ def _quantize_file(source: Path, target: Path, producer: str) -> None:
         model = onnx.load(str(target))
         model.producer_name = producer
         onnx.save(model, str(target))
-
-
-def measure_fidelity(base: DinoEmbedder, made: DinoEmbedder,
-                     images: Sequence[Path]) -> models.Fidelity:
-    """Cosine of `made`'s vectors to `base`'s on `images`, each decoded once (by `base`)."""
-    cosines: list[np.ndarray] = []
-    for start in range(0, len(images), BATCH):
-        tensors = []
-        for path in images[start:start + BATCH]:
-            try:
-                tensors.append(base.prepare(path).tensor)
-            except EMBED_ERRORS as err:
-                log.warning("skipped for the fidelity check: %s", err)
-        if tensors:
-            # both L2-normalized: the row-wise dot product is the cosine
-            cosines.append(np.sum(base.infer(tensors) * made.infer(tensors), axis=1))
-    if not cosines:
-        raise QuantizeError("no image to measure the fidelity on: none of the "
-                            f"{len(images)} given decodes")
-    values = np.concatenate(cosines).astype(np.float64)
-    return models.Fidelity(mean=round(float(values.mean()), 6),
-                           min=round(float(values.min()), 6), images=len(values))
-
