@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -303,3 +304,39 @@ def test_a_database_locked_elsewhere_pauses_intake_and_fails_nothing(
     assert [store.image(str(p)).status for p in paths] == ["done"] * 3
     assert pauses == ["StoreBusy", None] and pipeline.failed == 0
     store.close()
+
+
+def test_decoders_run_at_a_lower_priority_than_inference(pipeline: Pipeline) -> None:
+    # Inference first: the decoders fill the gaps (issue 9). Linux keeps a nice value per
+    # thread; the 19th field of /proc/self/task/<tid>/stat.
+    def nice(thread: object) -> int:
+        tid = thread.native_id  # type: ignore[attr-defined]
+        stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[16])
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    deadline = time.monotonic() + 5
+    while any(nice(d) != base + pipeline_module.DECODE_NICE for d in pipeline._decoders):
+        assert time.monotonic() < deadline, "the decoders never lowered their priority"
+        time.sleep(0.01)
+    assert nice(pipeline._inference) == base and nice(pipeline._recorder) == base
+
+
+def test_commits_run_on_the_record_worker_not_the_inference_thread(
+        pipeline: Pipeline, store: Store, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The commit's fsync must not hold up the next inference (issue 9).
+    threads: list[str] = []
+    record = store.record
+
+    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
+        threads.append(threading.current_thread().name)
+        return record(*args, **kwargs)
+
+    monkeypatch.setattr(store, "record", recording)
+    paths = []
+    for index in range(3):
+        paths.append(tmp_path / f"photo{index}.jpg")
+        synthetic_photo(64, 48, seed=index).save(paths[-1])
+    run(pipeline, *paths)
+    assert threads == ["record"] * 3

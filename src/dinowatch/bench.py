@@ -27,7 +27,7 @@ import numpy as np
 from dinowatch import models
 from dinowatch.embedder import EMBED_ERRORS, DinoEmbedder, preprocess
 from dinowatch.imaging import decode
-from dinowatch.pipeline import Pipeline
+from dinowatch.pipeline import DECODE_WORKERS, Pipeline
 from dinowatch.store import Store
 
 MATMUL_OPS = {"MatMul": "fp32", "Gemm": "fp32", "MatMulInteger": "int8"}
@@ -57,7 +57,7 @@ class Floor:
 class BenchResult:
     model: str
     backend: str
-    threads: int  # ONNX Runtime intra-op threads
+    threads: int | None  # ONNX Runtime's intra-op threads (None: a backend without them)
     decode_workers: int
     cores: int
     images: int
@@ -145,8 +145,8 @@ def probe(kinds: Sequence[str]) -> dict[str, float]:
     return rates
 
 
-def run(embedder: DinoEmbedder, images: Sequence[Path], *, threads: int,
-        decode_workers: int, backend: str = "onnx") -> BenchResult:
+def run(embedder: DinoEmbedder, images: Sequence[Path], *,
+        decode_workers: int = DECODE_WORKERS) -> BenchResult:
     """Measure `embedder` on `images` (see the module docstring). Raises ValueError with no
     images, and what DinoEmbedder raises for the first image that fails to decode."""
     if not images:
@@ -172,20 +172,23 @@ def run(embedder: DinoEmbedder, images: Sequence[Path], *, threads: int,
     if pipeline.failed:
         raise ValueError(f"{pipeline.failed} of {len(images)} images failed to embed")
     done = pipeline.processed
-    cpu = {stage: round(1000 * value / done, 1) for stage, value in pipeline.cpu.seconds().items()}
-    floor = Floor(model_macs(embedder.model_path), {})
-    floor = Floor(floor.gmacs, probe(list(floor.gmacs)))
-    host_ms = sum(value for stage, value in cpu.items() if stage != "inference")
+    stage_seconds = {stage: value / done for stage, value in pipeline.cpu.seconds().items()}
+    gmacs = model_macs(embedder.model_path)
+    floor = Floor(gmacs, probe(list(gmacs)))
+    host = sum(value for stage, value in stage_seconds.items() if stage != "inference")
     cores = os.cpu_count() or 1
-    floor_rate = cores / (host_ms / 1000 + floor.inference_cpu_seconds())
+    floor_rate = cores / (host + floor.inference_cpu_seconds())
     rate = done / seconds
     return BenchResult(
-        model=embedder.identity.name, backend=backend, threads=threads,
+        model=embedder.identity.name, backend=embedder.backend.type_key,
+        threads=getattr(embedder.backend, "threads", None),
         decode_workers=decode_workers, cores=cores, images=done,
         images_per_s=round(rate, 2),
         latency_ms_p50=round(statistics.median(latencies), 1),
         latency_ms_p95=round(float(np.percentile(latencies, 95)), 1),
-        cpu_ms_per_image=cpu, floor_images_per_s=round(floor_rate, 2),
+        cpu_ms_per_image={stage: round(1000 * value, 1)
+                          for stage, value in stage_seconds.items()},
+        floor_images_per_s=round(floor_rate, 2),
         ratio_to_floor=round(rate / floor_rate, 3), floor=floor)
 
 

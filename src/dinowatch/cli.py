@@ -358,9 +358,7 @@ def _quantize(args: argparse.Namespace, settings: Settings | None, entry: models
               cache_dir: Path) -> int:
     """`model quantize [NAME]`: NAME is a base model (its INT8 entry is made) or the INT8
     entry itself. The fp32 source: --model, else model.path, else the registry's file."""
-    from dinowatch.bench import sample
     from dinowatch.quantize import quantize
-    from dinowatch.watch import scan
 
     made = entry if entry.base else next(
         (e for e in models.REGISTRY.values() if e.base == entry.name), None)
@@ -372,12 +370,11 @@ def _quantize(args: argparse.Namespace, settings: Settings | None, entry: models
     if not folders:  # said before looking for the model: finding it may mean a download
         return _fail("model quantize measures the new model on your own images: give "
                      "--images DIR, or -c CONFIG to use the watched folders")
-    source = args.model or (settings.model.path if settings else None) or \
-        models.resolve(made.base, cache_dir=cache_dir)
+    source = _fp32_model(args.model, settings, made.base, cache_dir)
     try:
-        images = sample((path for watch in folders for path in scan(watch)), args.sample)
+        images = _images(folders, args.sample)
     except OSError as err:
-        return _fail(f"cannot list the images: {err}")
+        return _fail(err)
     print(f"quantizing {source} to {made.name}; fidelity on up to {len(images)} images …",
           file=sys.stderr)
     card = quantize(Path(source), made, cache_dir, images, _daemon_imaging(settings),
@@ -396,31 +393,23 @@ def _quantize(args: argparse.Namespace, settings: Settings | None, entry: models
 def cmd_bench(args: argparse.Namespace, settings: Settings | None) -> int:
     """`bench`: images/s, latency and the CPU floor for the configured backend and model."""
     from dinowatch import bench
-    from dinowatch.pipeline import DECODE_WORKERS
     from dinowatch.testing import synthetic_photo
-    from dinowatch.watch import scan
 
     try:
-        embedder = _config_embedder(settings, args.model, None) if settings else \
-            DinoEmbedder(args.model, imaging=_daemon_imaging(None))
+        images = _images([WatchSettings(path=args.images)], args.count) if args.images else []
+        embedder = _command_embedder(settings, args.model)
+    except OSError as err:
+        return _fail(err)
     except EMBED_ERRORS as err:
         return _fail(err)
     with embedder, tempfile.TemporaryDirectory(prefix="dinowatch-bench-") as scratch:
-        if args.images:
-            try:
-                images = sorted(scan(WatchSettings(path=args.images)))[:args.count]
-            except OSError as err:
-                return _fail(f"cannot list {args.images}: {err.strerror or err}")
-        else:  # camera-like 12 MP JPEGs with sensor noise
+        if not args.images:  # camera-like 12 MP JPEGs with sensor noise
             print(f"making {args.count} 12 MP JPEGs to measure with …", file=sys.stderr)
             images = [Path(scratch) / f"bench-{i:03d}.jpg" for i in range(args.count)]
             for i, path in enumerate(images):
                 synthetic_photo(4032, 3024, seed=i).save(path, quality=90)
-        threads = (settings.backend.threads if settings else None) or os.cpu_count() or 1
         try:
-            result = bench.run(embedder, images, threads=threads,
-                               decode_workers=DECODE_WORKERS,
-                               backend=settings.backend.type if settings else "onnx")
+            result = bench.run(embedder, images)
         except (ValueError, *EMBED_ERRORS) as err:
             return _fail(err)
     if args.json:
@@ -430,7 +419,8 @@ def cmd_bench(args: argparse.Namespace, settings: Settings | None) -> int:
     gmacs = ", ".join(f"{macs:.2f} G {kind}" for kind, macs in result.floor.gmacs.items())
     probe = ", ".join(f"{kind} {rate:.1f} GMAC/s"
                       for kind, rate in result.floor.gmacs_per_core_second.items())
-    print(f"model: {result.model} on {result.backend}, {result.threads} threads, "
+    threads = "" if result.threads is None else f"{result.threads} threads, "
+    print(f"model: {result.model} on {result.backend}, {threads}"
           f"{result.decode_workers} decode workers, {result.cores} cores")
     print(f"throughput: {result.images_per_s:.2f} images/s over {result.images} images")
     print(f"latency, one image on an idle pipeline (decode + inference): p50 "
@@ -446,25 +436,19 @@ def cmd_backends(args: argparse.Namespace, settings: Settings | None) -> int:
     """`backends compare`: the configured backend and model against a reference (ONNX
     Runtime on the fp32 model), on the user's images: fidelity and speed side by side."""
     from dinowatch import bench
-    from dinowatch.watch import scan
 
     try:
-        images = sorted(scan(WatchSettings(path=args.images)))
+        images = _images([WatchSettings(path=args.images)], args.count)
     except OSError as err:
-        return _fail(f"cannot list {args.images}: {err.strerror or err}")
-    images = bench.sample(images, args.count)
+        return _fail(err)
     if not images:
         return _fail(f"no images in {args.images}")
-    imaging = _daemon_imaging(settings)
     cache_dir = models.model_dir(settings.data_dir if settings else None)
     try:
-        compared = _config_embedder(settings, args.model, None) if settings else \
-            DinoEmbedder(args.model, imaging=imaging)
-        with compared:
-            reference_path = args.reference_model or \
-                (settings.model.path if settings else None) or \
-                models.resolve(models.DEFAULT_MODEL, cache_dir=cache_dir)
-            with DinoEmbedder(reference_path, imaging=imaging) as reference:
+        with _command_embedder(settings, args.model) as compared:
+            reference_path = _fp32_model(args.reference_model, settings, models.DEFAULT_MODEL,
+                                         cache_dir)
+            with DinoEmbedder(reference_path, imaging=compared.imaging) as reference:
                 result = bench.compare(reference, compared, images)
                 rows = [(label, embedder.identity.name, embedder.backend.type_key, ms)
                         for label, embedder, ms in (("reference", reference,
@@ -487,6 +471,36 @@ def cmd_backends(args: argparse.Namespace, settings: Settings | None) -> int:
     print(f"cosine of the compared vectors to the reference's, {fidelity.images} images: "
           f"mean {fidelity.mean:.6f}, min {fidelity.min:.6f}")
     return EXIT_OK
+
+
+def _command_embedder(settings: Settings | None, model: Path | None) -> DinoEmbedder:
+    """The configured backend and model (`model` overrides the file), else ONNX Runtime on
+    `model` or the registry's, both with the daemon's imaging options."""
+    return _config_embedder(settings, model, None) if settings else \
+        DinoEmbedder(model, imaging=_daemon_imaging(None))
+
+
+def _fp32_model(explicit: Path | None, settings: Settings | None, name: str,
+                cache_dir: Path) -> Path:
+    """The fp32 model a made model is measured against: `explicit`, else model.path, else
+    the registry's verified `name` in `cache_dir`. Raises what models.resolve raises."""
+    return explicit or (settings.model.path if settings else None) or \
+        models.resolve(name, cache_dir=cache_dir)
+
+
+def _images(folders: list[WatchSettings], count: int) -> list[Path]:
+    """Up to `count` of the image files the watcher would report in `folders`, spread evenly
+    over them. Raises OSError naming a folder that cannot be listed."""
+    from dinowatch.bench import sample
+    from dinowatch.watch import scan
+
+    found: list[Path] = []
+    for folder in folders:
+        try:
+            found += scan(folder)
+        except OSError as err:
+            raise OSError(f"cannot list {folder.path}: {err.strerror or err}") from err
+    return sample(found, count)
 
 
 def _daemon_imaging(settings: Settings | None) -> ImagingOptions:

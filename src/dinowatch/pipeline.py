@@ -308,15 +308,16 @@ class Pipeline:
             outcome: str | None = None
             try:
                 with self.decode_activity.working():
-                    outcome = self._settle_gone(job) if job.gone else self._decode(job, time.time())
+                    outcome = self._settle_gone(job) if job.gone else self._decode(job)
             except Exception as err:  # a bug must still leave the file in a visible state
                 outcome = self._unexpected(job, err)
             finally:
                 if outcome is not None:  # None: handed to inference, which completes it
                     self._complete(job, outcome)
 
-    def _decode(self, job: Job, started: float) -> str | None:
+    def _decode(self, job: Job) -> str | None:
         """Skip what the store already has; record what needs no inference; else decode."""
+        started = time.time()
         previous = self.store.image(str(job.path))
         try:
             with self.cpu.timing("read"):

@@ -77,7 +77,7 @@ class OnnxBackend:
         config = config or OnnxBackendConfig()
         self._ort = ort
         self._providers = config.providers
-        self._threads = config.threads or os.cpu_count() or 1
+        self.threads: int = config.threads or os.cpu_count() or 1  # intra-op
         self.batch = config.batch
         mapped = _mapped_copy(model_path, ort.__version__)
         if not _is_file(mapped):  # renamed into place last: a copy that exists is whole
@@ -100,13 +100,13 @@ class OnnxBackend:
         self._input_name = model_input.name
         height = model_input.shape[2] if len(model_input.shape) == 4 else None
         self.input_spec = InputSpec(size=height if isinstance(height, int) else 224)
-        log.debug("onnx backend: %s, %d threads", model_path, self._threads)
+        log.debug("onnx backend: %s, %d threads", model_path, self.threads)
 
     def _options(self) -> Any:  # ort.SessionOptions
         ort = self._ort
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = self._threads
+        options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         # Spinning threads keep a core at 100 % between images; an idle appliance must idle.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
