@@ -15,7 +15,7 @@ from dinowatch.testing import write_model
 
 
 def test_registry_builds_the_onnx_backend_by_type(tiny_model: Path) -> None:
-    assert set(BACKENDS) == {"onnx"}
+    assert set(BACKENDS) == {"onnx", "hailo"}
     with create_backend(tiny_model, OnnxBackendConfig()) as backend:
         assert isinstance(backend, Backend)
         assert backend.type_key == "onnx"

@@ -118,7 +118,8 @@ def test_status_of_the_real_daemon_before_and_after_stop(tmp_path: Path,
         assert f"pid {daemon.process.pid}, no broker configured" in text.splitlines()[0]
         assert text.splitlines()[1].startswith("model: stand-in:tiny.onnx (sha256 ")
         assert "STAND-IN: random weights" in text.splitlines()[1]
-        assert text.splitlines()[2] == f"device: {load_settings(config).device_id} (no MQTT)"
+        assert text.splitlines()[2] == "backend: onnx"
+        assert text.splitlines()[3] == f"device: {load_settings(config).device_id} (no MQTT)"
         synthetic_photo(160, 120, seed=5).save(inbox / "late.jpg")  # after the last report
         wait_until(lambda: "embedded" in daemon.log(), 30, "the image embedded")
         assert daemon.stop() == 0

@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import onnx
 import pytest
 
 from dinowatch import models
 from dinowatch.models import ModelEntry, ModelError, ModelUnavailable
+from dinowatch.testing import write_model
 
 PAYLOAD_SIZE = 3 * 1024 * 1024 + 12_345  # not a multiple of any chunk size
 PAYLOAD = random.Random(20240601).randbytes(PAYLOAD_SIZE)
@@ -456,3 +458,16 @@ def test_info_and_verify(server: Server, entry: ModelEntry, cache: Path) -> None
     assert models.sha256_file(cache / entry.filename) == PAYLOAD_SHA
     (cache / "other.onnx").write_bytes(PAYLOAD[:-1])
     assert not models.verify(entry, cache / "other.onnx")
+
+
+def test_producer_name_reads_the_onnx_header_as_onnx_does(tmp_path: Path) -> None:
+    stand_in = write_model(tmp_path / "tiny.onnx", "tiny")
+    other = onnx.load(str(stand_in))
+    other.producer_name, other.ir_version = "pytorch", 8
+    onnx.save(other, str(tmp_path / "other.onnx"))
+    assert models.producer_name(stand_in) == onnx.load(str(stand_in)).producer_name == \
+        "dinowatch.testing"
+    assert models.producer_name(tmp_path / "other.onnx") == "pytorch"
+    (tmp_path / "x.hef").write_bytes(b"\x01\x02not protobuf at all" * 10)
+    assert models.producer_name(tmp_path / "x.hef") == ""
+    assert models.producer_name(tmp_path / "missing.onnx") == ""

@@ -26,7 +26,7 @@ from daemon_process import DaemonProcess, wait_until, write_config
 from dinowatch import DinoEmbedder
 from dinowatch.config import ImagingSettings
 from dinowatch.models import INT8_MODEL, REGISTRY, STAND_IN_PRODUCER
-from dinowatch.testing import VARIANTS, synthetic_photo
+from dinowatch.testing import VARIANTS, write_photos
 
 DINOWATCH = [sys.executable, "-m", "dinowatch.cli"]
 INT8_FILE = REGISTRY[INT8_MODEL].filename  # dinov2_vits14_int8.onnx
@@ -46,15 +46,6 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def photos(folder: Path, count: int, *, seed: int, size: tuple[int, int] = (320, 240),
-           quality: int = 88) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"photo{seed + i}.jpg" for i in range(count)]
-    for i, path in enumerate(paths):
-        synthetic_photo(*size, seed=seed + i).save(path, quality=quality)
-    return paths
-
-
 def card_of(model: Path) -> dict:
     return json.loads(model.with_suffix(".json").read_text())
 
@@ -65,7 +56,7 @@ def quantized(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Sim
     four pictures and one file named like a JPEG that is not one."""
     root = tmp_path_factory.mktemp("quantize")
     images = root / "images"
-    good = photos(images, 4, seed=10)
+    good = write_photos(images, 4, seed=10)
     (images / "notes.jpg").write_text("not a picture")
     cache = root / "cache"
     result = dinowatch("model", "quantize", "--model", tiny_model, "--images", images,
@@ -132,8 +123,8 @@ def test_quantize_without_images_says_so_before_looking_for_the_model(tmp_path: 
 def test_quantize_with_a_config_uses_its_model_data_dir_and_watched_folders(
         tmp_path: Path, tiny_model: Path) -> None:
     front, back = tmp_path / "front", tmp_path / "back"
-    photos(front, 2, seed=20)
-    photos(back / "sub", 1, seed=30)  # watch folders are recursive by default
+    write_photos(front, 2, seed=20)
+    write_photos(back / "sub", 1, seed=30)  # watch folders are recursive by default
     (back / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (back / "readme.txt").write_text("not an image name: never even listed")
     data = tmp_path / "data"
@@ -175,7 +166,7 @@ def test_the_daemon_runs_the_int8_model_and_says_so(int8_daemon, broker, subscri
     subscriber = subscriber_factory(broker, f"{topic}/embedding")
     card = card_of(int8_daemon.model)
     # ~1.7 MB camera-quality JPEGs: reading and hashing them shows on the CPU clock.
-    staged = photos(tmp_path / "staging", 4, seed=40, size=(2400, 1800), quality=95)
+    staged = write_photos(tmp_path / "staging", 4, seed=40, size=(2400, 1800), quality=95)
     with DaemonProcess(int8_daemon.config, tmp_path) as daemon:
         daemon.start()
         for path in staged:
@@ -274,7 +265,7 @@ def check_bench(measured: dict, images: int) -> None:
 
 
 def test_bench_measures_the_tiny_model_on_given_images(tmp_path: Path, tiny_model: Path) -> None:
-    photos(tmp_path / "images", 4, seed=50)
+    write_photos(tmp_path / "images", 4, seed=50)
     measured = bench("--model", tiny_model, "--images", tmp_path / "images", "--count", 3)
     check_bench(measured, images=3)  # --count 3 of the folder's 4
     assert measured["model"] == "stand-in:tiny.onnx"
@@ -285,7 +276,7 @@ def test_bench_measures_the_tiny_model_on_given_images(tmp_path: Path, tiny_mode
 
 def test_bench_counts_the_int8_models_integer_multiplies(quantized, tmp_path: Path) -> None:
     assert quantized.result.returncode == 0, quantized.result.stderr
-    photos(tmp_path / "images", 2, seed=60)
+    write_photos(tmp_path / "images", 2, seed=60)
     measured = bench("--model", quantized.model, "--images", tmp_path / "images", "--count", 2)
     check_bench(measured, images=2)
     gmacs = measured["floor"]["gmacs"]
@@ -320,7 +311,7 @@ def test_debug_logging_shows_each_images_timings_and_the_puback(
     subscriber = subscriber_factory(broker, "dinowatch/timings-pi/embedding")
     with DaemonProcess(config, tmp_path) as daemon:
         daemon.start()
-        [dropped] = photos(inbox, 1, seed=70)
+        [dropped] = write_photos(inbox, 1, seed=70)
         subscriber.wait_for(lambda m: len(m) >= 1, timeout=60)
         line = re.compile(rf"timings {re.escape(str(dropped))}: written -> event -?\d+ ms, "
                           r"waited for a decoder -?\d+, read\+hash\+decode -?\d+, waited for "

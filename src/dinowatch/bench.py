@@ -8,6 +8,8 @@ The floor is what this CPU could do at best: each image costs the CPU seconds me
 reading, hashing and decoding it, plus its model's multiply-accumulates at the speed a
 matrix-multiply probe reaches on one core of this CPU through ONNX Runtime's own kernels
 (fp32 MatMul, INT8 MatMulInteger). With `cores` cores, floor images/s = cores / that sum.
+For a backend that runs the model on an accelerator (Hailo) the floor is the host stages'
+alone: the most images/s the CPU can hand the device.
 """
 
 from __future__ import annotations
@@ -173,7 +175,7 @@ def run(embedder: DinoEmbedder, images: Sequence[Path], *,
         raise ValueError(f"{pipeline.failed} of {len(images)} images failed to embed")
     done = pipeline.processed
     stage_seconds = {stage: value / done for stage, value in pipeline.cpu.seconds().items()}
-    gmacs = model_macs(embedder.model_path)
+    gmacs = model_macs(embedder.model_path) if embedder.backend.runs_on_cpu else {}
     floor = Floor(gmacs, probe(list(gmacs)))
     host = sum(value for stage, value in stage_seconds.items() if stage != "inference")
     cores = os.cpu_count() or 1

@@ -237,6 +237,11 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         if isinstance(fidelity, dict):
             print(f"model fidelity: cosine to its fp32 base on {fidelity.get('images')} images: "
                   f"mean {fidelity.get('mean')}, min {fidelity.get('min')}")
+    if "backend" in daemon:
+        print(f"backend: {daemon['backend']}"
+              + (f" (FALLBACK: {daemon['backend_fallback']})" if "backend_fallback" in daemon
+                 else "")
+              + (f" (WAITING: {daemon['backend_error']})" if "backend_error" in daemon else ""))
     print(f"device: {settings.device_id} ({topics})")
     print(f"images: {images['done']} embedded, {images['failed']} failed, "
           f"{images['deleted']} deleted")
@@ -426,8 +431,12 @@ def cmd_bench(args: argparse.Namespace, settings: Settings | None) -> int:
     print(f"latency, one image on an idle pipeline (decode + inference): p50 "
           f"{result.latency_ms_p50:.0f} ms, p95 {result.latency_ms_p95:.0f} ms")
     print(f"CPU per image, ms: {stages}")
-    print(f"floor: {gmacs} multiply-accumulates per image; probe, one core: {probe}; "
-          f"{result.floor_images_per_s:.2f} images/s on {result.cores} cores")
+    if result.floor.gmacs:
+        print(f"floor: {gmacs} multiply-accumulates per image; probe, one core: {probe}; "
+              f"{result.floor_images_per_s:.2f} images/s on {result.cores} cores")
+    else:
+        print(f"floor: {result.floor_images_per_s:.2f} images/s on {result.cores} cores for the "
+              f"host stages alone (the model runs on the {result.backend})")
     print(f"ratio to the floor: {result.ratio_to_floor:.2f}")
     return EXIT_OK
 
@@ -446,6 +455,8 @@ def cmd_backends(args: argparse.Namespace, settings: Settings | None) -> int:
     cache_dir = models.model_dir(settings.data_dir if settings else None)
     try:
         with _command_embedder(settings, args.model) as compared:
+            if compared.fallback:  # it would compare the CPU with itself
+                return _fail(f"the configured backend did not start: {compared.fallback}")
             reference_path = _fp32_model(args.reference_model, settings, models.DEFAULT_MODEL,
                                          cache_dir)
             with DinoEmbedder(reference_path, imaging=compared.imaging) as reference:

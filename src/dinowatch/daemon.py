@@ -391,6 +391,7 @@ class Daemon:
         last_summary, summarized = time.monotonic(), dict(self.pipeline.outcomes)
         said_stuck: str | None = None
         was_connected = False
+        backend_state = self._backend_state()
         while not self._stop.wait(TICK_SECONDS):
             now = time.monotonic()
             dead = self._dead_worker()
@@ -402,6 +403,9 @@ class Daemon:
                 last_stats = -math.inf  # a fresh connection gets the retained stats at once
                 self._discovery_due.set()
             was_connected = connected
+            if backend_state != self._backend_state():  # a device failed, came back, or
+                backend_state = self._backend_state()  # gave way to the fallback: say so now
+                last_stats = -math.inf
             everything = self._discovery_due.is_set()
             self._discovery_due.clear()
             self._announce(everything=everything)
@@ -529,6 +533,10 @@ class Daemon:
         log.info("configuration reloaded from %s", self.config_path)
         notify("READY=1", "STATUS=watching")
 
+    def _backend_state(self) -> tuple[str, str | None, str | None]:
+        return (self.embedder.backend.type_key, self.embedder.fallback,
+                self.pipeline.backend_error)
+
     def stats(self) -> dict[str, object]:
         """The retained `stats` payload (DESIGN's names, `images/s` included)."""
         return {
@@ -541,7 +549,10 @@ class Daemon:
             "dead_letters": self.store.dead_letter_count(),
             "images/s": round(self.pipeline.rate(), 3),
             "model": self.embedder.identity.payload(),
-            "backend": self.settings.backend.type,
+            "backend": self.embedder.backend.type_key,  # the one running: maybe the fallback
+            **({"backend_fallback": self.embedder.fallback} if self.embedder.fallback else {}),
+            **({"backend_error": self.pipeline.backend_error}
+               if self.pipeline.backend_error else {}),
             "last_seen": self.pipeline.last_recorded,
             "inferred": self.pipeline.inferred,
             "cpu_seconds": self.pipeline.cpu.seconds(),

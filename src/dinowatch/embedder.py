@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -12,13 +13,23 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from dinowatch import models
-from dinowatch.backends import Backend, BackendConfig, InputSpec, create_backend
+from dinowatch.backends import (
+    Backend,
+    BackendConfig,
+    BackendFailed,
+    BackendUnavailable,
+    InputSpec,
+    create_backend,
+    fallback_of,
+)
 from dinowatch.errors import DinowatchError
 from dinowatch.imaging import ImagingOptions, decode, to_rgb
 
 # What DinoEmbedder raises by contract for a bad model, image or inference (OSError covers
 # FileNotFoundError); anything else is a bug.
 EMBED_ERRORS = (OSError, UnidentifiedImageError, DinowatchError, RuntimeError, ValueError)
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -46,9 +57,10 @@ class ModelIdentity:
 class Prepared:
     """One image ready for the backend, plus what the record stage wants to know of it."""
 
-    tensor: np.ndarray  # one image laid out as the backend's InputSpec says, no batch axis
+    tensor: np.ndarray  # one image laid out as `spec` says, no batch axis
     width: int
     height: int
+    spec: InputSpec  # the input of the backend it was prepared for (a fallback's differs)
 
 
 def preprocess(image: Image.Image, spec: InputSpec = InputSpec()) -> np.ndarray:
@@ -95,7 +107,40 @@ class DinoEmbedder:
             (card.sha256 if entry.base and card else entry.sha256)
         self._card = card
         self.imaging = imaging
-        self.backend: Backend = create_backend(self.model_path, backend)
+        self.backend_config = backend
+        self.fallback: str | None = None  # why the configured backend is not the one running
+        # The last device failure, whoever met it (the pipeline, an MQTT search): the backend
+        # has closed itself, and the pipeline opens it again.
+        self.failure: BackendFailed | None = None
+        self.backend: Backend = self._open_backend()
+
+    def _open_backend(self, failed: BaseException | None = None) -> Backend:
+        """The configured backend, unless it `failed` right after opening; where it cannot
+        run and a fallback is configured, the fallback, with one warning that says why.
+        Raises BackendUnavailable when neither starts."""
+        fallback = fallback_of(self.backend_config)
+        if failed is None or fallback is None:
+            try:
+                backend = create_backend(self.model_path, self.backend_config, dim=self.dim)
+                self.fallback = None
+                return backend
+            except BackendUnavailable as err:
+                if fallback is None:
+                    raise
+                failed = err
+        log.warning("%s; running on %s instead (backend.fallback)", failed, fallback.type)
+        backend = create_backend(self.model_path, fallback, dim=self.dim)
+        self.fallback = str(failed)
+        return backend
+
+    def reopen_backend(self, *, give_up: BaseException | None = None) -> None:
+        """After a device failure (BackendFailed): open the configured backend again, or
+        its fallback; `give_up`: the configured one failed again right after opening, so go
+        straight to the fallback if there is one. Raises BackendUnavailable while neither
+        starts."""
+        self.backend.close()
+        self.backend = self._open_backend(give_up)
+        self.failure = None
 
     @cached_property
     def model_sha256(self) -> str:
@@ -116,22 +161,36 @@ class DinoEmbedder:
         return ModelIdentity(f"stand-in:{name}" if stand_in else name, self.model_sha256,
                              pinned, stand_in, card.fidelity if card else None)
 
-    def prepare(self, image: str | Path | BinaryIO, *, name: str | None = None) -> Prepared:
+    def prepare(self, image: str | Path | BinaryIO, *, name: str | None = None,
+                spec: InputSpec | None = None) -> Prepared:
         """Decode and preprocess one image file, given as a path or an open binary file
-        (`name` then names it in errors): the part that runs beside inference."""
-        decoded = decode(image, self.imaging, self.backend.input_spec.size, name=name)
-        return Prepared(preprocess(decoded.image, self.backend.input_spec),
-                        decoded.width, decoded.height)
+        (`name` then names it in errors), for `spec` (default: the backend's): the part that
+        runs beside inference."""
+        spec = spec or self.backend.input_spec
+        decoded = decode(image, self.imaging, spec.size, name=name)
+        return Prepared(preprocess(decoded.image, spec), decoded.width, decoded.height, spec)
 
     def infer(self, tensors: Sequence[np.ndarray], normalize: bool = True) -> np.ndarray:
         """Run prepared tensors through the backend as one batch: (N, dim) float32."""
-        return postprocess(self.backend.infer(np.stack(tensors)), self.dim, normalize)
+        return self._run(self.backend, tensors, normalize)
+
+    def _run(self, backend: Backend, tensors: Sequence[np.ndarray],
+             normalize: bool) -> np.ndarray:
+        try:
+            output = backend.infer(np.stack(tensors))
+        except BackendFailed as err:
+            if backend is self.backend:  # not one the pipeline has replaced meanwhile
+                self.failure = err  # the pipeline opens it again, whoever met the failure
+            raise
+        return postprocess(output, self.dim, normalize)
 
     def embed(self, image_path: str | Path | BinaryIO, normalize: bool = True, *,
               name: str | None = None) -> np.ndarray:
         """One image file (a path, or an open binary file that `name` names in errors) ->
         (dim,) float32, L2-normalized unless `normalize=False`."""
-        return self.infer([self.prepare(image_path, name=name).tensor], normalize)[0]
+        backend = self.backend  # one backend for both steps: the pipeline may swap it
+        prepared = self.prepare(image_path, name=name, spec=backend.input_spec)
+        return self._run(backend, [prepared.tensor], normalize)[0]
 
     def embed_batch(self, image_paths: Sequence[str | Path], normalize: bool = True) -> np.ndarray:
         """Several image files -> (N, dim); the first bad file raises, naming it."""
@@ -144,7 +203,17 @@ class DinoEmbedder:
         return self.infer([preprocess(image, self.backend.input_spec)], normalize)[0]
 
     def warm_up(self) -> None:
-        """One inference on a blank picture: the first run pays for graph preparation."""
+        """One inference on a blank picture: the first run pays for graph preparation. A
+        device that opened but cannot run it gives way to the fallback, if configured."""
+        try:
+            self._warm_up()
+        except BackendFailed as err:
+            if fallback_of(self.backend_config) is None:
+                raise
+            self.reopen_backend(give_up=err)
+            self._warm_up()
+
+    def _warm_up(self) -> None:
         size = self.backend.input_spec.size
         self.infer([preprocess(Image.new("RGB", (size, size)), self.backend.input_spec)])
 

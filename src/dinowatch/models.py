@@ -214,6 +214,41 @@ def offline_from_env() -> bool:
     return os.environ.get(OFFLINE_ENV, "").strip().lower() in _TRUTHY
 
 
+def producer_name(path: Path) -> str:
+    """The `producer_name` an ONNX file names ("" if none, or not readable as ONNX), read from
+    its first 4 KB: ModelProto field 2 (onnx/onnx.proto), which writers emit before the graph
+    (protobuf writes fields in number order). onnx.load would hold the whole file in memory
+    twice over (~170 MB for ViT-S/14) to read one string."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(4096)
+        pos = 0
+        while pos < len(head):
+            key, pos = _varint(head, pos)
+            field, wire_type = key >> 3, key & 7
+            if field > 2 or wire_type not in (0, 2):
+                break
+            value, pos = _varint(head, pos)
+            if wire_type == 2:  # length-delimited: `value` bytes follow
+                if field == 2:
+                    return head[pos:pos + value].decode("utf-8", "replace")
+                pos += value
+    except (OSError, ValueError):
+        pass
+    return ""
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    """A protobuf base-128 varint at `pos`: (value, the position after it)."""
+    value = shift = 0
+    while pos < len(data):
+        byte = data[pos]
+        value, shift, pos = value | (byte & 0x7F) << shift, shift + 7, pos + 1
+        if not byte & 0x80:
+            return value, pos
+    raise ValueError("truncated varint")
+
+
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, read in CHUNK_SIZE pieces."""
     digest = hashlib.sha256()

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dinowatch.backends import BackendFailed, BackendUnavailable, fallback_of
 from dinowatch.config import DuplicateSettings, MatchingSettings
 from dinowatch.embedder import DinoEmbedder, Prepared
 from dinowatch.errors import readable
@@ -51,6 +52,9 @@ RATE_WINDOW_SECONDS = 60.0
 READ_ATTEMPTS = 5  # reads of a file that keeps changing before it goes to the back of the queue
 REREAD_PAUSE = 0.1  # seconds, times the attempt number
 PER_IMAGE_LOG_LIMIT = 10  # INFO lines for single images per minute; the daemon sums up the rest
+REOPEN_FIRST_SECONDS = 2.0  # after a device failure: the first wait between attempts to open
+REOPEN_MAX_SECONDS = 60.0  # ... doubling up to this
+BACKEND_POLL_SECONDS = 1.0  # how soon a device failure met outside the pipeline is seen
 STORE_PROBE_SECONDS = 5.0  # while the store takes no writes: how often to try one again
 # O_NONBLOCK: opening a FIFO must not wait for a writer; it changes nothing for regular files.
 OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
@@ -212,6 +216,13 @@ class Pipeline:
         self.cpu = CpuClock()  # read, hash, decode, inference, record
         self._submitted = 0
         self._finished = 0
+        # A backend whose device failed (only the inference thread writes these):
+        self.backend_error: str | None = None  # why inference waits, while it does
+        self._waiting_for_backend: list[Job] = []  # their files failed meanwhile
+        self._next_reopen = 0.0  # time.monotonic() of the next attempt to open it again
+        self._reopen_delay = REOPEN_FIRST_SECONDS
+        self._proven = True  # the backend completed a batch since it was (re)opened
+        self._give_up: BackendFailed | None = None  # it failed again at once: not again
 
     # -- control --------------------------------------------------------------------------
     @property
@@ -401,7 +412,17 @@ class Pipeline:
     # -- embed ----------------------------------------------------------------------------
     def _infer_loop(self) -> None:
         # This thread must outlive any one batch: systemd's watchdog watches it.
-        while (first := self._prepared.get()) is not None:
+        while True:
+            try:  # while the backend is down, wake up to open it again
+                first = self._prepared.get(timeout=self._reopen_in())
+            except queue.Empty:
+                if self.backend_error is not None:
+                    self._reopen_backend()
+                elif self.embedder.failure is not None:  # met by an MQTT search
+                    self._backend_failed(self.embedder.failure, [])
+                continue
+            if first is None:
+                return
             batch = [first]
             stop_after = False
             while len(batch) < self.embedder.backend.batch:
@@ -413,11 +434,78 @@ class Pipeline:
                     stop_after = True
                     break
                 batch.append(item)
-            with self.inference_activity.working():
-                inferred = self._embed(batch)
-            self._inferred.put(inferred)  # waits while the record worker is behind
+            if self.backend_error is not None:
+                self._reopen_backend()
+            batch = self._for_this_backend(batch)
+            if batch:
+                with self.inference_activity.working():
+                    inferred = self._embed(batch)
+                self._inferred.put(inferred)  # waits while the record worker is behind
+                if isinstance(inferred.failure, BackendFailed):
+                    self._backend_failed(inferred.failure, batch)
+                elif inferred.failure is None:
+                    self._proven, self._reopen_delay = True, REOPEN_FIRST_SECONDS
             if stop_after:
                 return
+
+    def _for_this_backend(self, batch: list[Decoded]) -> list[Decoded]:
+        """The items prepared for the backend that runs now; the others (prepared before a
+        fallback changed the input layout) go back to be decoded again."""
+        spec = self.embedder.backend.input_spec
+        for item in batch:
+            if item.prepared.spec != spec:
+                self._queue(item.job)
+                self._complete(item.job, REQUEUED)
+        return [item for item in batch if item.prepared.spec == spec]
+
+    def _reopen_in(self) -> float | None:
+        """Seconds until the next attempt to open a failed backend (or to look for a failure
+        met outside the pipeline)."""
+        if self.backend_error is None:
+            return BACKEND_POLL_SECONDS
+        return max(0.05, self._next_reopen - time.monotonic())
+
+    def _backend_failed(self, err: BackendFailed, batch: list[Decoded]) -> None:
+        """The device failed under `batch`: its files are recorded `failed` (the record
+        worker has them) and are tried again once a backend runs."""
+        self._waiting_for_backend += [item.job for item in batch]
+        if self.backend_error is None:
+            self.backend_error = str(err)
+            # It worked until now (a device that merely timed out): open it again at once.
+            # It failed again before any batch went through: the fallback now, else back off.
+            self._give_up = None if self._proven else err
+            self._next_reopen = time.monotonic()
+            if self._give_up is not None and fallback_of(self.embedder.backend_config) is None:
+                self._next_reopen += self._reopen_delay
+                self._reopen_delay = min(2 * self._reopen_delay, REOPEN_MAX_SECONDS)
+            self._proven = False
+            self._reopen_backend()
+
+    def _reopen_backend(self) -> None:
+        """Open the backend again, or its fallback, at most every `_reopen_delay` s (doubling
+        to REOPEN_MAX_SECONDS); once one runs, the files that failed meanwhile go back in."""
+        if time.monotonic() < self._next_reopen:
+            return
+        try:
+            with self.inference_activity.working():  # a device that hangs here is a stall too
+                self.embedder.reopen_backend(give_up=self._give_up)
+        except Exception as err:  # BackendUnavailable, or anything else: the thread must live
+            if not isinstance(err, BackendUnavailable):
+                log.exception("opening the backend again failed")
+            self.backend_error = str(err)
+            log.error("inference waits for its backend: %s; trying again in %.0f s", err,
+                      self._reopen_delay)
+            self._next_reopen = time.monotonic() + self._reopen_delay
+            self._reopen_delay = min(2 * self._reopen_delay, REOPEN_MAX_SECONDS)
+            return
+        backend = self.embedder.backend.type_key
+        log.warning("inference runs again, on %s%s; %d failed files are tried again",
+                    backend, " (the fallback)" if self.embedder.fallback else "",
+                    len(self._waiting_for_backend))
+        self.backend_error = None  # the delay resets once a batch succeeds, not here
+        waiting, self._waiting_for_backend = self._waiting_for_backend, []
+        for job in waiting:
+            self._queue(job)
 
     def _embed(self, batch: list[Decoded]) -> Inferred:
         self.inferred += len(batch)  # only this thread writes it

@@ -207,6 +207,16 @@ def synthetic_photo(width: int, height: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(pixels)
 
 
+def write_photos(folder: Path, count: int, *, seed: int, size: tuple[int, int] = (320, 240),
+                 quality: int = 88) -> list[Path]:
+    """`count` synthetic photos as JPEGs `photo<seed+i>.jpg` in `folder` (made if missing)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"photo{seed + i}.jpg" for i in range(count)]
+    for i, path in enumerate(paths):
+        synthetic_photo(*size, seed=seed + i).save(path, quality=quality)
+    return paths
+
+
 def write_png_header(path: Path, width: int, height: int) -> Path:
     """A PNG that claims `width` x `height` but holds no pixels: a decompression-bomb probe."""
 

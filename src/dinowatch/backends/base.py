@@ -11,7 +11,13 @@ from dinowatch.errors import DinowatchError
 
 
 class BackendUnavailable(DinowatchError):
-    """The backend's runtime or device is missing; the message names what to install."""
+    """The backend cannot start (runtime or device missing, busy, a wrong model file); the
+    message names the cause and what to do."""
+
+
+class BackendFailed(RuntimeError):
+    """The device failed under a batch (unplugged, timed out): the images are not at fault,
+    and the backend must be opened again before it runs anything."""
 
 
 @dataclass(frozen=True)
@@ -38,10 +44,14 @@ class Backend(Protocol):
     type_key: str
     input_spec: InputSpec
     batch: int  # the most images the pipeline hands `infer` at once
+    runs_on_cpu: bool  # False: an accelerator runs the model (bench's CPU floor leaves it out)
     producer: str  # who made the model file, as the file says ("" when it does not)
+    output_dim: int | None  # the vector width the backend's file declares (None: unknown
+    #                         before the first inference, which postprocess then checks)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        """Run the model on a batch laid out as `input_spec` says; return its first output."""
+        """Run the model on a batch laid out as `input_spec` says; return its first output.
+        Raises BackendFailed when the device, not the batch, failed; RuntimeError else."""
         ...
 
     def close(self) -> None: ...

@@ -68,6 +68,8 @@ def _is_file(path: Path) -> bool:
 
 class OnnxBackend:
     type_key = TYPE
+    runs_on_cpu = True
+    output_dim: int | None
 
     def __init__(self, model_path: Path, config: OnnxBackendConfig | None = None) -> None:
         try:
@@ -100,6 +102,7 @@ class OnnxBackend:
         self._input_name = model_input.name
         height = model_input.shape[2] if len(model_input.shape) == 4 else None
         self.input_spec = InputSpec(size=height if isinstance(height, int) else 224)
+        self.output_dim = None  # postprocess checks the output: a file may export any width
         log.debug("onnx backend: %s, %d threads", model_path, self.threads)
 
     def _options(self) -> Any:  # ort.SessionOptions
