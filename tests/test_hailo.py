@@ -123,7 +123,6 @@ START_FAILURES = [
     StartFailure("input shape", r"takes input \[256, 256, 3\]; this model needs "
                                 r"\[224, 224, 3\]"),
     StartFailure("output dim", r"gives 192-d vectors; the model tiny\.onnx gives 384-d ones"),
-    StartFailure("no hef", r"backend\.hef: .*missing\.hef: no such file"),
 ]
 
 
@@ -156,8 +155,6 @@ def start_failure(request: pytest.FixtureRequest, hailo: Hailo, tmp_path: Path,
         hailo_standin.write_hef(hailo.hef, hailo.model, input_shape=(256, 256, 3))
     elif failure.name == "output dim":
         hailo_standin.write_hef(hailo.hef, hailo.model, output_shape=(192,))
-    elif failure.name == "no hef":
-        hailo.hef = tmp_path / "missing.hef"
     yield failure, hailo
     if holder is not None:
         holder.communicate("", timeout=10)
@@ -331,6 +328,29 @@ def test_warm_up_on_a_device_that_cannot_run_gives_way_to_the_fallback(
     with DinoEmbedder(hailo.model, backend=hailo_config(hailo)) as embedder, \
             pytest.raises(BackendFailed):
         embedder.warm_up()
+
+
+def test_a_missing_hef_is_a_config_error_and_one_gone_since_is_a_start_failure(
+        tmp_path: Path, hailo: Hailo) -> None:
+    # A typo is not a device condition: exit 78 (systemd does not restart), fallback or not.
+    for fallback in (None, "onnx"):
+        config, _ = daemon_config(tmp_path, Hailo(hailo.device, tmp_path / "typo.hef",
+                                                  hailo.model), None, "hef-pi",
+                                  fallback=fallback)
+        for command in ("check-config", "run"):
+            result = subprocess.run([*DINOWATCH, command, "-c", str(config)],
+                                    capture_output=True, text=True, timeout=60, check=False)
+            assert result.returncode == 78, result.stderr
+            assert f"backend.hef: {tmp_path / 'typo.hef'} is not a file" in \
+                result.stdout + result.stderr
+    # Deleted after the config was read: the backend cannot start, and says why.
+    configured, with_fallback = hailo_config(hailo), hailo_config(hailo, fallback="onnx")
+    hailo.hef.unlink()
+    with pytest.raises(BackendUnavailable, match=r"backend\.hef: .* no such file \(any more\)"):
+        DinoEmbedder(hailo.model, backend=configured)
+    with DinoEmbedder(hailo.model, backend=with_fallback) as embedder:
+        assert embedder.backend.type_key == "onnx"
+        assert embedder.fallback and "no such file (any more)" in embedder.fallback
 
 
 def test_an_unquoted_device_id_is_a_config_error_that_says_to_quote_it(
@@ -524,7 +544,7 @@ def test_backends_compare_prints_hailo_and_the_cpu_reference(hailo: Hailo,
     assert report["cosine_min"] >= 0.999
 
 
-def test_backends_compare_refuses_to_compare_the_fallback_with_itself(
+def test_compare_refuses_the_fallback_and_bench_names_it(
         hailo: Hailo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The daemon holds the device, say: with `fallback: onnx` the configured side would be
     # ONNX Runtime too, and a cosine of 1.0 would look like a perfect HEF.
@@ -535,8 +555,14 @@ def test_backends_compare_refuses_to_compare_the_fallback_with_itself(
                              str(images[0].parent), "-c", str(config)],
                             capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 1
-    assert "the configured backend did not start: no Hailo device" in result.stderr
+    assert "the configured backend did not start, so there is nothing to compare with the " \
+        "CPU: no Hailo device" in result.stderr
     assert result.stdout == ""
+    bench = subprocess.run([*DINOWATCH, "bench", "--images", str(images[0].parent), "--count",
+                            "2", "-c", str(config)],
+                           capture_output=True, text=True, timeout=300, check=False)
+    assert bench.returncode == 0, bench.stderr  # it measures what would run: say so
+    assert "on onnx (FALLBACK: no Hailo device" in bench.stdout, bench.stdout
 
 
 def test_bench_on_hailo_leaves_the_model_out_of_the_cpu_floor(hailo: Hailo,

@@ -70,6 +70,7 @@ class BenchResult:
     floor_images_per_s: float
     ratio_to_floor: float  # images/s over floor images/s: 1.0 would leave nothing on the table
     floor: Floor
+    backend_fallback: str | None = None  # why the configured backend is not the one measured
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -191,7 +192,8 @@ def run(embedder: DinoEmbedder, images: Sequence[Path], *,
         cpu_ms_per_image={stage: round(1000 * value, 1)
                           for stage, value in stage_seconds.items()},
         floor_images_per_s=round(floor_rate, 2),
-        ratio_to_floor=round(rate / floor_rate, 3), floor=floor)
+        ratio_to_floor=round(rate / floor_rate, 3), floor=floor,
+        backend_fallback=embedder.fallback)
 
 
 def sample(images: Iterable[Path], count: int) -> list[Path]:

@@ -425,7 +425,8 @@ def cmd_bench(args: argparse.Namespace, settings: Settings | None) -> int:
     probe = ", ".join(f"{kind} {rate:.1f} GMAC/s"
                       for kind, rate in result.floor.gmacs_per_core_second.items())
     threads = "" if result.threads is None else f"{result.threads} threads, "
-    print(f"model: {result.model} on {result.backend}, {threads}"
+    fallback = f" (FALLBACK: {result.backend_fallback})" if result.backend_fallback else ""
+    print(f"model: {result.model} on {result.backend}{fallback}, {threads}"
           f"{result.decode_workers} decode workers, {result.cores} cores")
     print(f"throughput: {result.images_per_s:.2f} images/s over {result.images} images")
     print(f"latency, one image on an idle pipeline (decode + inference): p50 "
@@ -456,7 +457,8 @@ def cmd_backends(args: argparse.Namespace, settings: Settings | None) -> int:
     try:
         with _command_embedder(settings, args.model) as compared:
             if compared.fallback:  # it would compare the CPU with itself
-                return _fail(f"the configured backend did not start: {compared.fallback}")
+                return _fail(f"the configured backend did not start, so there is nothing to "
+                             f"compare with the CPU: {compared.fallback}")
             reference_path = _fp32_model(args.reference_model, settings, models.DEFAULT_MODEL,
                                          cache_dir)
             with DinoEmbedder(reference_path, imaging=compared.imaging) as reference:

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dinowatch.backends import BackendConfig, OnnxBackendConfig
-from dinowatch.errors import DinowatchError, readable
+from dinowatch.errors import DinowatchError, existing_file, readable
 from dinowatch.imaging import DEFAULT_MAX_PIXELS, ImagingOptions
 
 DEFAULT_CONFIG_PATH = Path("/etc/dinowatch/config.yaml")
@@ -49,7 +49,7 @@ class ModelSettings(Section):
     @field_validator("path")
     @classmethod
     def _path_is_file(cls, value: Path | None) -> Path | None:
-        return _existing_file(value)
+        return existing_file(value)
 
 
 class ImagingSettings(Section):
@@ -127,7 +127,7 @@ class TlsSettings(Section):
     @field_validator("ca_certs", "certfile", "keyfile")
     @classmethod
     def _files_exist(cls, value: Path | None) -> Path | None:
-        return _existing_file(value)
+        return existing_file(value)
 
 
 class HomeAssistantSettings(Section):
@@ -283,13 +283,6 @@ class Settings(Section):
     def gallery_dir(self) -> Path:
         """Labelled references: matching.gallery_dir, else data_dir/gallery."""
         return self.matching.gallery_dir or self.data_dir / "gallery"
-
-
-def _existing_file(path: Path | None) -> Path | None:
-    """A file the daemon cannot start without: missing is a config error (exit 78)."""
-    if path is not None and not path.is_file():
-        raise ValueError(f"{path} is not a file")
-    return path
 
 
 def _read_secret(path: Path, key: str) -> str:

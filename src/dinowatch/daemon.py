@@ -288,9 +288,11 @@ class Daemon:
         self._starting = False
         notify("READY=1", "STATUS=watching")
         self.ready_seconds = round(time.monotonic() - self._started, 2)
-        log.info("dinowatch running: %d folders, model %s (%s, sha256 %s…), device %s; "
+        log.info("dinowatch running: %d folders, model %s (%s, sha256 %s…) on %s, device %s; "
                  "ready in %.2f s, of which %.2f s loading the model", len(settings.watch),
                  identity.name, self.embedder.model_path, identity.sha256[:12],
+                 self.embedder.backend.type_key + (" (the fallback)" if self.embedder.fallback
+                                                   else ""),
                  settings.device_id, self.ready_seconds, model_seconds)
 
     def publisher_wake(self) -> None:

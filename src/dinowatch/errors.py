@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 class DinowatchError(Exception):
@@ -20,3 +21,11 @@ def readable(text: str | os.PathLike[str]) -> str:
         return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     except UnicodeEncodeError:  # a lone surrogate that no file name produced
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def existing_file(path: Path | None) -> Path | None:
+    """A config validator for a file the daemon cannot start without: missing is a config
+    error (exit 78). Raises ValueError naming the path."""
+    if path is not None and not path.is_file():
+        raise ValueError(f"{path} is not a file")
+    return path

@@ -51,7 +51,8 @@ def create_backend(model_path: Path, config: BackendConfig | None = None, *,
         backend.close()
         raise BackendUnavailable(
             f"{getattr(config, 'hef', model_path)} gives {backend.output_dim}-d vectors; "
-            f"the model {model_path.name} gives {dim}-d ones")
+            f"the model {model_path.name} gives {dim}-d ones: was it made from this model, "
+            f"ending at its class token?")
     return backend
 
 

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dinowatch import models
 from dinowatch.backends.base import BackendFailed, BackendUnavailable, InputSpec
+from dinowatch.errors import existing_file
 
 TYPE: Final = "hailo"
 TIMEOUT_MS: Final = 10_000  # one frame on the device; HailoRT's own default vstream timeout
@@ -60,6 +61,12 @@ class HailoBackendConfig(BaseModel):
         default=None,
         description="onnx: run on the CPU (one warning) when the Hailo cannot be used; "
                     "null: the daemon stops with the reason instead.")
+
+    @field_validator("hef")
+    @classmethod
+    def _hef_is_file(cls, value: Path) -> Path:
+        # a typo, not a device condition: exit 78 with or without a fallback, as model.path
+        return existing_file(value) or value
 
     @field_validator("device", mode="before")
     @classmethod
@@ -113,7 +120,7 @@ class HailoBackend:
         self.output_shape: list[int] = []
         self.output_dim: int | None = None
         if not self.hef.is_file():
-            raise BackendUnavailable(f"backend.hef: {self.hef}: no such file")
+            raise BackendUnavailable(f"backend.hef: {self.hef}: no such file (any more)")
         try:
             self._configured = self._open(config.device)
         except self._hp.HailoRTException as err:
@@ -136,11 +143,13 @@ class HailoBackend:
         if len(model.input_names) != 1 or len(model.output_names) != 1:
             raise BackendUnavailable(
                 f"backend.hef: {self.hef} has {len(model.input_names)} inputs and "
-                f"{len(model.output_names)} outputs; a DINOv2 HEF has one of each")
+                f"{len(model.output_names)} outputs; a DINOv2 HEF has one of each: parse it "
+                f"with one end node (docs/hailo.md, section 3.3)")
         if list(model.input().shape) != INPUT_SHAPE:
             raise BackendUnavailable(
                 f"backend.hef: {self.hef} takes input {list(model.input().shape)}; this model "
-                f"needs {INPUT_SHAPE} (RGB 224x224, NHWC)")
+                f"needs {INPUT_SHAPE} (RGB 224x224, NHWC): export it at 224 px (docs/hailo.md, "
+                f"section 2)")
         self.output_shape = list(model.output().shape)
         self.output_dim = self.output_shape[-1]
         model.input().set_format_type(hp.FormatType.UINT8)
@@ -160,10 +169,10 @@ class HailoBackend:
                 wanted = "" if device == "auto" else f" {device} (found: {found or 'none'})"
                 return (f"no Hailo device{wanted}: is the AI HAT+ seated and its driver loaded "
                         f"(`hailortcli scan`, /dev/hailo0)? ({err})")
-            return (f"the Hailo device {', '.join(found)} is in use by another process "
-                    f"(`sudo fuser -v /dev/hailo0` names it; HailoRT gives a device to one "
-                    f"process at a time: stop the daemon before `bench` or `backends "
-                    f"compare`) ({err})")
+            return (f"the Hailo device {', '.join(found)} is in use by another process: "
+                    f"`sudo fuser -v /dev/hailo0` names it (dinowatch itself, a `bench` or "
+                    f"`backends compare`, Frigate, rpicam-apps); HailoRT gives a device to one "
+                    f"process at a time ({err})")
         if code in (INVALID_DRIVER_VERSION, DRIVER_INVALID_IOCTL):
             return (f"the Hailo driver and library versions differ: install the same x.y.z of "
                     f"hailort, hailo-dkms (the driver) and python3-hailort (library "
