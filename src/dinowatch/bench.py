@@ -167,13 +167,14 @@ def run(embedder: DinoEmbedder, images: Sequence[Path], *,
         start = time.perf_counter()
         for path in images:
             pipeline.submit(Path(path), "bench")
-        while pipeline.queued:
+        while pipeline.queued and not pipeline.stalled:
             time.sleep(0.01)
         seconds = time.perf_counter() - start
         pipeline.stop()
         store.close()
-    if pipeline.failed:
-        raise ValueError(f"{pipeline.failed} of {len(images)} images failed to embed")
+    if pipeline.failed:  # a device failure, even one recovered from, spoils the timing
+        raise ValueError(f"{pipeline.failed} of {len(images)} images failed to embed"
+                         + (f": {pipeline.backend_error}" if pipeline.backend_error else ""))
     done = pipeline.processed
     stage_seconds = {stage: value / done for stage, value in pipeline.cpu.seconds().items()}
     gmacs = model_macs(embedder.model_path) if embedder.backend.runs_on_cpu else {}

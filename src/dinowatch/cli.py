@@ -85,7 +85,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
     from dinowatch.daemon import build_messages
-    from dinowatch.pipeline import DELETED, FAILED, RECORDED, UNCHANGED, Pipeline
+    from dinowatch.pipeline import DELETED, RECORDED, UNCHANGED, Pipeline
     from dinowatch.watch import scan
 
     missing = [str(d) for d in args.dirs if not d.is_dir()]
@@ -106,19 +106,23 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
             pipeline.submit(path, watch.source_name)
             files += 1
     with tqdm(total=files, unit="img", disable=None, file=sys.stderr) as progress:
-        while pipeline.queued:
-            progress.n = files - pipeline.queued
+        while pipeline.queued and not pipeline.stalled:  # stalled: the device is down
+            progress.n = max(0, files - pipeline.queued)
             progress.refresh()
             time.sleep(0.2)
         progress.n = files
+    if pipeline.stalled:
+        _fail(f"inference waits for its backend: {pipeline.backend_error}; the files that "
+              "failed are tried again by the daemon's next scan or the next `index`")
     pipeline.stop()
     outbox = store.outbox_depth()
     store.close()
     done = pipeline.outcomes
+    failed = pipeline.still_failed  # a file that failed on the device, then was embedded: not
     print(f"{files} files: {done[RECORDED]} recorded, {done[UNCHANGED]} already in the store, "
-          f"{done[FAILED]} failed, {done[DELETED]} deleted meanwhile; {outbox} messages in "
+          f"{failed} failed, {done[DELETED]} deleted meanwhile; {outbox} messages in "
           "the outbox for the daemon")
-    return EXIT_FAILURE if done[FAILED] else EXIT_OK
+    return EXIT_FAILURE if failed else EXIT_OK
 
 
 def _report_pause(error: Exception | None) -> None:

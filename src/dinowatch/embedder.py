@@ -112,6 +112,7 @@ class DinoEmbedder:
         # The last device failure, whoever met it (the pipeline, an MQTT search): the backend
         # has closed itself, and the pipeline opens it again.
         self.failure: BackendFailed | None = None
+        self._closed = False
         self.backend: Backend = self._open_backend()
 
     def _open_backend(self, failed: BaseException | None = None) -> Backend:
@@ -139,7 +140,11 @@ class DinoEmbedder:
         straight to the fallback if there is one. Raises BackendUnavailable while neither
         starts."""
         self.backend.close()
-        self.backend = self._open_backend(give_up)
+        backend = self._open_backend(give_up)
+        if self._closed:  # closed meanwhile (the daemon stopping): hold no device
+            backend.close()
+            raise BackendUnavailable("closed while the backend was being opened again")
+        self.backend = backend
         self.failure = None
 
     @cached_property
@@ -218,6 +223,7 @@ class DinoEmbedder:
         self.infer([preprocess(Image.new("RGB", (size, size)), self.backend.input_spec)])
 
     def close(self) -> None:
+        self._closed = True  # reopen_backend opens nothing from now on
         self.backend.close()
 
     def __enter__(self) -> Self:

@@ -216,6 +216,9 @@ class Pipeline:
         self.cpu = CpuClock()  # read, hash, decode, inference, record
         self._submitted = 0
         self._finished = 0
+        self._failed_paths: set[Path] = set()  # failed in this run and not recorded since
+        self._parked = 0  # len(_waiting_for_backend): still to do, so counted in `queued`
+        self._reopening = False  # the inference thread is opening the backend right now
         # A backend whose device failed (only the inference thread writes these):
         self.backend_error: str | None = None  # why inference waits, while it does
         self._waiting_for_backend: list[Job] = []  # their files failed meanwhile
@@ -269,9 +272,24 @@ class Pipeline:
 
     @property
     def queued(self) -> int:
-        """Files submitted and not yet finished (waiting, decoding or being embedded)."""
+        """Files submitted and not yet finished (waiting, decoding or being embedded), and
+        files that failed on a device and are tried again once a backend runs."""
         with self._lock:
-            return self._submitted - self._finished
+            return self._submitted - self._finished + self._parked
+
+    @property
+    def stalled(self) -> bool:
+        """All that is left waits for a backend that is down and not being opened right now:
+        a command that waits for `queued == 0` (index, bench) stops here instead of forever."""
+        with self._lock:
+            return self.backend_error is not None and not self._reopening and \
+                self._submitted == self._finished and self._parked > 0
+
+    @property
+    def still_failed(self) -> int:
+        """Files whose last attempt in this run failed (`failed` counts attempts)."""
+        with self._lock:
+            return len(self._failed_paths)
 
     @property
     def processed(self) -> int:
@@ -293,6 +311,10 @@ class Pipeline:
         with self._lock:
             self.outcomes[outcome] += 1
             self._finished += 1
+            if outcome == FAILED:
+                self._failed_paths.add(job.path)
+            elif outcome in (RECORDED, DELETED):
+                self._failed_paths.discard(job.path)
             if outcome == RECORDED:
                 now = time.monotonic()
                 self._completed.append(now)
@@ -419,7 +441,7 @@ class Pipeline:
                 if self.backend_error is not None:
                     self._reopen_backend()
                 elif self.embedder.failure is not None:  # met by an MQTT search
-                    self._backend_failed(self.embedder.failure, [])
+                    self._backend_failed(self.embedder.failure)
                 continue
             if first is None:
                 return
@@ -434,15 +456,25 @@ class Pipeline:
                     stop_after = True
                     break
                 batch.append(item)
-            if self.backend_error is not None:
+            if self.backend_error is None and self.embedder.failure is not None:
+                self._backend_failed(self.embedder.failure)  # met by an MQTT search
+            elif self.backend_error is not None:
                 self._reopen_backend()
             batch = self._for_this_backend(batch)
             if batch:
-                with self.inference_activity.working():
-                    inferred = self._embed(batch)
+                if self.backend_error is not None:  # still down: no device to run it on
+                    now = time.time()
+                    inferred = Inferred(batch, None, BackendFailed(
+                        f"inference waits for its backend ({self.backend_error}); the file "
+                        f"is tried again once it runs"), now, now)
+                else:
+                    with self.inference_activity.working():
+                        inferred = self._embed(batch)
+                if isinstance(inferred.failure, BackendFailed):
+                    self._park(batch)  # before the record worker finishes them: `queued`
                 self._inferred.put(inferred)  # waits while the record worker is behind
                 if isinstance(inferred.failure, BackendFailed):
-                    self._backend_failed(inferred.failure, batch)
+                    self._backend_failed(inferred.failure)
                 elif inferred.failure is None:
                     self._proven, self._reopen_delay = True, REOPEN_FIRST_SECONDS
             if stop_after:
@@ -465,11 +497,18 @@ class Pipeline:
             return BACKEND_POLL_SECONDS
         return max(0.05, self._next_reopen - time.monotonic())
 
-    def _backend_failed(self, err: BackendFailed, batch: list[Decoded]) -> None:
+    def _park(self, batch: list[Decoded]) -> None:
         """The device failed under `batch`: its files are recorded `failed` (the record
         worker has them) and are tried again once a backend runs."""
+        with self._lock:
+            self._parked += len(batch)
         self._waiting_for_backend += [item.job for item in batch]
+
+    def _backend_failed(self, err: BackendFailed) -> None:
+        if self._stopping.is_set():  # shutting down: the next start's scan retries them
+            return
         if self.backend_error is None:
+            self._reopening = True  # not `stalled` before the first attempt below
             self.backend_error = str(err)
             # It worked until now (a device that merely timed out): open it again at once.
             # It failed again before any batch went through: the fallback now, else back off.
@@ -479,13 +518,17 @@ class Pipeline:
                 self._next_reopen += self._reopen_delay
                 self._reopen_delay = min(2 * self._reopen_delay, REOPEN_MAX_SECONDS)
             self._proven = False
-            self._reopen_backend()
+            try:
+                self._reopen_backend()
+            finally:
+                self._reopening = False
 
     def _reopen_backend(self) -> None:
         """Open the backend again, or its fallback, at most every `_reopen_delay` s (doubling
         to REOPEN_MAX_SECONDS); once one runs, the files that failed meanwhile go back in."""
-        if time.monotonic() < self._next_reopen:
+        if time.monotonic() < self._next_reopen or self._stopping.is_set():
             return
+        self._reopening = True  # `stalled` stays False until this attempt is over
         try:
             with self.inference_activity.working():  # a device that hangs here is a stall too
                 self.embedder.reopen_backend(give_up=self._give_up)
@@ -497,15 +540,19 @@ class Pipeline:
                       self._reopen_delay)
             self._next_reopen = time.monotonic() + self._reopen_delay
             self._reopen_delay = min(2 * self._reopen_delay, REOPEN_MAX_SECONDS)
+            self._reopening = False
             return
         backend = self.embedder.backend.type_key
         log.warning("inference runs again, on %s%s; %d failed files are tried again",
                     backend, " (the fallback)" if self.embedder.fallback else "",
                     len(self._waiting_for_backend))
         self.backend_error = None  # the delay resets once a batch succeeds, not here
+        self._reopening = False
         waiting, self._waiting_for_backend = self._waiting_for_backend, []
         for job in waiting:
-            self._queue(job)
+            self._queue(job)  # counted in _submitted before it leaves _parked
+        with self._lock:
+            self._parked -= len(waiting)
 
     def _embed(self, batch: list[Decoded]) -> Inferred:
         self.inferred += len(batch)  # only this thread writes it

@@ -32,7 +32,8 @@ INPUT_SHAPE: Final = [224, 224, 3]
 # arrive as "libhailort failed with error: 74 (HAILO_OUT_OF_PHYSICAL_DEVICES)".
 INVALID_HEF: Final = 26  # before HailoRT 4.21 also: a HEF for the other chip
 DRIVER_OPERATION_FAILED: Final = 36  # with "error 13": /dev/hailo0 may not be opened
-OUT_OF_PHYSICAL_DEVICES: Final = 74  # no device, or another process holds it
+DEVICE_IN_USE: Final = 73  # the device backend.device names is held by another process
+OUT_OF_PHYSICAL_DEVICES: Final = 74  # no device, or (device: auto) another process holds it
 INVALID_DRIVER_VERSION: Final = 76
 DRIVER_INVALID_IOCTL: Final = 86  # ⚠ another face of a driver/library mismatch
 HEF_NOT_COMPATIBLE_WITH_DEVICE: Final = 93
@@ -160,6 +161,8 @@ class HailoBackend:
     def _explain(self, err: BaseException, device: str) -> str:
         """What a start-up failure means, and what to do about it."""
         code = status_code(err)
+        if code == DEVICE_IN_USE:  # VDevice skips a busy device only for device: auto
+            return _in_use(device, err)
         if code == OUT_OF_PHYSICAL_DEVICES:
             try:
                 found = self._hp.Device.scan()
@@ -169,10 +172,7 @@ class HailoBackend:
                 wanted = "" if device == "auto" else f" {device} (found: {found or 'none'})"
                 return (f"no Hailo device{wanted}: is the AI HAT+ seated and its driver loaded "
                         f"(`hailortcli scan`, /dev/hailo0)? ({err})")
-            return (f"the Hailo device {', '.join(found)} is in use by another process: "
-                    f"`sudo fuser -v /dev/hailo0` names it (dinowatch itself, a `bench` or "
-                    f"`backends compare`, Frigate, rpicam-apps); HailoRT gives a device to one "
-                    f"process at a time ({err})")
+            return _in_use(", ".join(found), err)
         if code in (INVALID_DRIVER_VERSION, DRIVER_INVALID_IOCTL):
             return (f"the Hailo driver and library versions differ: install the same x.y.z of "
                     f"hailort, hailo-dkms (the driver) and python3-hailort (library "
@@ -241,3 +241,8 @@ class HailoBackend:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+
+def _in_use(device: str, err: BaseException) -> str:
+    return (f"the Hailo device {device} is in use by another process: `sudo fuser -v "
+            f"/dev/hailo0` names it (dinowatch itself, a `bench` or `backends compare`, "
+            f"Frigate, rpicam-apps); HailoRT gives a device to one process at a time ({err})")

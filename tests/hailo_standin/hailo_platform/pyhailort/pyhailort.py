@@ -59,7 +59,8 @@ HailoCommunicationClosedException = _subclass("HailoCommunicationClosedException
 _NAMES = {4: "HAILO_TIMEOUT", 6: "HAILO_INVALID_OPERATION", 8: "HAILO_INTERNAL_FAILURE",
           13: "HAILO_OPEN_FILE_FAILURE", 26: "HAILO_INVALID_HEF",
           36: "HAILO_DRIVER_OPERATION_FAILED", 61: "HAILO_NOT_FOUND", 63: "HAILO_STREAM_ABORT",
-          72: "HAILO_STREAM_NOT_ACTIVATED", 74: "HAILO_OUT_OF_PHYSICAL_DEVICES",
+          72: "HAILO_STREAM_NOT_ACTIVATED", 73: "HAILO_DEVICE_IN_USE",
+          74: "HAILO_OUT_OF_PHYSICAL_DEVICES",
           76: "HAILO_INVALID_DRIVER_VERSION", 77: "HAILO_RPC_FAILED", 82: "HAILO_QUEUE_IS_FULL",
           93: "HAILO_HEF_NOT_COMPATIBLE_WITH_DEVICE"}
 _SEE_LOG = ". See hailort.log for more information"
@@ -274,6 +275,9 @@ class _Hold:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
+            if ids:  # vdevice.cpp skips a busy device only when the caller named none
+                log.error("CHECK_SUCCESS failed with status=HAILO_DEVICE_IN_USE(73)")
+                raise _error(73) from None
             raise _no_free_device() from None
         self.fd, self.folder = fd, folder
         self.scheduled = params.algorithm is not HailoSchedulingAlgorithm.NONE
