@@ -118,7 +118,8 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
     outbox = store.outbox_depth()
     store.close()
     done = pipeline.outcomes
-    failed = pipeline.still_failed  # a file that failed on the device, then was embedded: not
+    failed = pipeline.still_failed  # per file, its last attempt (retries after a device
+    #                                 failure that then succeeded do not count)
     print(f"{files} files: {done[RECORDED]} recorded, {done[UNCHANGED]} already in the store, "
           f"{failed} failed, {done[DELETED]} deleted meanwhile; {outbox} messages in "
           "the outbox for the daemon")

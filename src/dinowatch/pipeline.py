@@ -217,11 +217,11 @@ class Pipeline:
         self._submitted = 0
         self._finished = 0
         self._failed_paths: set[Path] = set()  # failed in this run and not recorded since
-        self._parked = 0  # len(_waiting_for_backend): still to do, so counted in `queued`
         self._reopening = False  # the inference thread is opening the backend right now
         # A backend whose device failed (only the inference thread writes these):
         self.backend_error: str | None = None  # why inference waits, while it does
-        self._waiting_for_backend: list[Job] = []  # their files failed meanwhile
+        # their files failed meanwhile; still to do, so counted in `queued` (under _lock)
+        self._waiting_for_backend: list[Job] = []
         self._next_reopen = 0.0  # time.monotonic() of the next attempt to open it again
         self._reopen_delay = REOPEN_FIRST_SECONDS
         self._proven = True  # the backend completed a batch since it was (re)opened
@@ -275,7 +275,7 @@ class Pipeline:
         """Files submitted and not yet finished (waiting, decoding or being embedded), and
         files that failed on a device and are tried again once a backend runs."""
         with self._lock:
-            return self._submitted - self._finished + self._parked
+            return self._submitted - self._finished + len(self._waiting_for_backend)
 
     @property
     def stalled(self) -> bool:
@@ -283,7 +283,7 @@ class Pipeline:
         a command that waits for `queued == 0` (index, bench) stops here instead of forever."""
         with self._lock:
             return self.backend_error is not None and not self._reopening and \
-                self._submitted == self._finished and self._parked > 0
+                self._submitted == self._finished and bool(self._waiting_for_backend)
 
     @property
     def still_failed(self) -> int:
@@ -438,10 +438,7 @@ class Pipeline:
             try:  # while the backend is down, wake up to open it again
                 first = self._prepared.get(timeout=self._reopen_in())
             except queue.Empty:
-                if self.backend_error is not None:
-                    self._reopen_backend()
-                elif self.embedder.failure is not None:  # met by an MQTT search
-                    self._backend_failed(self.embedder.failure)
+                self._tend_backend()
                 continue
             if first is None:
                 return
@@ -456,10 +453,7 @@ class Pipeline:
                     stop_after = True
                     break
                 batch.append(item)
-            if self.backend_error is None and self.embedder.failure is not None:
-                self._backend_failed(self.embedder.failure)  # met by an MQTT search
-            elif self.backend_error is not None:
-                self._reopen_backend()
+            self._tend_backend()
             batch = self._for_this_backend(batch)
             if batch:
                 if self.backend_error is not None:  # still down: no device to run it on
@@ -490,6 +484,14 @@ class Pipeline:
                 self._complete(item.job, REQUEUED)
         return [item for item in batch if item.prepared.spec == spec]
 
+    def _tend_backend(self) -> None:
+        """Open a failed backend again when it is due; take up a device failure met outside
+        the pipeline (an MQTT search)."""
+        if self.backend_error is not None:
+            self._reopen_backend()
+        elif self.embedder.failure is not None:
+            self._backend_failed(self.embedder.failure)
+
     def _reopen_in(self) -> float | None:
         """Seconds until the next attempt to open a failed backend (or to look for a failure
         met outside the pipeline)."""
@@ -501,8 +503,7 @@ class Pipeline:
         """The device failed under `batch`: its files are recorded `failed` (the record
         worker has them) and are tried again once a backend runs."""
         with self._lock:
-            self._parked += len(batch)
-        self._waiting_for_backend += [item.job for item in batch]
+            self._waiting_for_backend += [item.job for item in batch]
 
     def _backend_failed(self, err: BackendFailed) -> None:
         if self._stopping.is_set():  # shutting down: the next start's scan retries them
@@ -518,18 +519,15 @@ class Pipeline:
                 self._next_reopen += self._reopen_delay
                 self._reopen_delay = min(2 * self._reopen_delay, REOPEN_MAX_SECONDS)
             self._proven = False
-            try:
-                self._reopen_backend()
-            finally:
-                self._reopening = False
+            self._reopen_backend()
 
     def _reopen_backend(self) -> None:
         """Open the backend again, or its fallback, at most every `_reopen_delay` s (doubling
         to REOPEN_MAX_SECONDS); once one runs, the files that failed meanwhile go back in."""
-        if time.monotonic() < self._next_reopen or self._stopping.is_set():
-            return
-        self._reopening = True  # `stalled` stays False until this attempt is over
         try:
+            if time.monotonic() < self._next_reopen or self._stopping.is_set():
+                return
+            self._reopening = True  # `stalled` stays False until this attempt is over
             with self.inference_activity.working():  # a device that hangs here is a stall too
                 self.embedder.reopen_backend(give_up=self._give_up)
         except Exception as err:  # BackendUnavailable, or anything else: the thread must live
@@ -540,19 +538,18 @@ class Pipeline:
                       self._reopen_delay)
             self._next_reopen = time.monotonic() + self._reopen_delay
             self._reopen_delay = min(2 * self._reopen_delay, REOPEN_MAX_SECONDS)
+        else:  # still `_reopening`: `stalled` must not flicker on before the files go back
+            log.warning("inference runs again, on %s%s; %d failed files are tried again",
+                        self.embedder.backend.type_key,
+                        " (the fallback)" if self.embedder.fallback else "",
+                        len(self._waiting_for_backend))
+            self.backend_error = None  # the delay resets once a batch succeeds, not here
+            for job in self._waiting_for_backend:  # only this thread adds to it
+                self._queue(job)  # counted in _submitted before it leaves the list
+            with self._lock:
+                self._waiting_for_backend.clear()
+        finally:
             self._reopening = False
-            return
-        backend = self.embedder.backend.type_key
-        log.warning("inference runs again, on %s%s; %d failed files are tried again",
-                    backend, " (the fallback)" if self.embedder.fallback else "",
-                    len(self._waiting_for_backend))
-        self.backend_error = None  # the delay resets once a batch succeeds, not here
-        self._reopening = False
-        waiting, self._waiting_for_backend = self._waiting_for_backend, []
-        for job in waiting:
-            self._queue(job)  # counted in _submitted before it leaves _parked
-        with self._lock:
-            self._parked -= len(waiting)
 
     def _embed(self, batch: list[Decoded]) -> Inferred:
         self.inferred += len(batch)  # only this thread writes it

@@ -16,6 +16,7 @@ from typing import Any, Final, Literal, Self
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from dinowatch import models
 from dinowatch.backends.base import BackendUnavailable, InputSpec
 
 TYPE: Final = "onnx"
@@ -97,7 +98,7 @@ class OnnxBackend:
                 self._session = self._open(model_path)
             except Exception as final:
                 raise RuntimeError(f"cannot load ONNX model {model_path}: {final}") from final
-        self.producer: str = self._session.get_modelmeta().producer_name or ""
+        self.producer = models.producer_name(model_path)
         model_input = self._session.get_inputs()[0]
         self._input_name = model_input.name
         height = model_input.shape[2] if len(model_input.shape) == 4 else None
